@@ -1,0 +1,240 @@
+"""checkpoint.py: the checkpoint manager every stage uses.
+
+A run directory holds `ckpt_<step>.pt` (everything needed to continue: model, optimizer, GradScaler, step,
+config, world size, RNG states, global loader position), `ckpt_<step>.json` (a small human-readable
+summary, written after the .pt is in place, so it doubles as the "complete" marker) and `LATEST`
+(the name of the newest complete checkpoint, written last). The protocol is llm.c's DONE-marker one:
+write to a temp name, rename, then mark. A kill at any moment leaves the previous checkpoint loadable,
+and resume never trusts a file without its marker.
+"""
+import json
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import base_dir, barrier, print0
+from configurator import UserError
+
+# stage name -> folder under $NANOCHAT_BASE_DIR, as the T4 guide documents them
+STAGE_DIRS = {"base": "checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
+              "dolly": "dolly_checkpoints"}
+_CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
+
+
+def unwrap(model):
+    """The plain nn.Module under DDP (.module) and torch.compile (._orig_mod): saving the unwrapped module
+    is what keeps `module.` / `_orig_mod.` prefixes out of our checkpoints."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def strip_prefixes(state_dict: dict) -> dict:
+    """Checkpoints from elsewhere (nanoGPT saves the compiled module) may carry these prefixes."""
+    out = {}
+    for k, v in state_dict.items():
+        while k.startswith(("_orig_mod.", "module.")):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def rng_state() -> dict:
+    """RNG states as tensors and plain ints, so the checkpoint loads with weights_only=True."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    st = {"torch": torch.get_rng_state(),
+          "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                    "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+          "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict):
+    torch.set_rng_state(st["torch"])
+    n = st["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = st["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def parse_steps(spec) -> set:
+    """permanent_checkpoints: '500,1000' (the nano-gpt guide's form) -> {500, 1000}."""
+    if isinstance(spec, (list, tuple, set)):
+        return {int(s) for s in spec}
+    try:
+        return {int(s) for s in str(spec).replace(" ", "").split(",") if s}
+    except ValueError:
+        raise UserError(f"permanent_checkpoints={spec!r} must be step numbers separated by commas, "
+                        f"e.g. --permanent_checkpoints=500,1000") from None
+
+
+class CheckpointManager:
+    """Saves, finds, loads and rotates the checkpoints of one run directory.
+    Rotation keeps: the last `keep_last_n` (-1 = all), the `permanent` steps, the `keep_best_n` with the lowest
+    val_loss, and the newest one (LATEST); everything else is deleted."""
+
+    def __init__(self, run_dir, *, keep_last_n=5, permanent="", keep_best_n=0, is_master=True):
+        self.dir = Path(run_dir)
+        self.keep_last_n = keep_last_n
+        self.permanent = parse_steps(permanent)
+        self.keep_best_n = keep_best_n
+        self.is_master = is_master
+
+    # ---- finding
+    def complete(self) -> dict:
+        """{step: path} of checkpoints whose marker (.json) exists; a lone .pt is an unfinished write."""
+        out = {}
+        if self.dir.is_dir():
+            for p in self.dir.iterdir():
+                m = _CKPT_RE.match(p.name)
+                if m and p.with_suffix(".json").exists():
+                    out[int(m.group(1))] = p
+        return dict(sorted(out.items()))
+
+    def latest(self):
+        """The checkpoint LATEST names, or failing that (a kill between marker and LATEST) the newest complete one."""
+        f = self.dir / "LATEST"
+        if f.exists():
+            p = self.dir / f.read_text(encoding="utf-8").strip()
+            if p.exists() and p.with_suffix(".json").exists():
+                return p
+        done = self.complete()
+        return done[max(done)] if done else None
+
+    # ---- saving
+    def save(self, step: int, state: dict, meta: dict):
+        """Rank 0 writes; every rank meets at the barrier so no rank races ahead of a half-written file."""
+        if self.is_master:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.dir.glob("*.tmp"):  # left by a kill during an earlier write
+                stale.unlink()
+            path = self.dir / f"ckpt_{step:06d}.pt"
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _atomic_write_text(path.with_suffix(".json"), json.dumps({"step": step, **meta}, indent=2))
+        barrier()
+        if self.is_master:
+            _atomic_write_text(self.dir / "LATEST", f"ckpt_{step:06d}.pt\n")
+            self.rotate()
+            self.write_index()
+        barrier()
+
+    def meta(self, step):
+        try:
+            return json.loads((self.dir / f"ckpt_{step:06d}.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def best(self) -> list:
+        """Steps with a finite val_loss, best first."""
+        scored = []
+        for s in self.complete():
+            v = self.meta(s).get("val_loss")
+            if isinstance(v, (int, float)) and v == v:
+                scored.append((v, s))
+        return [s for _, s in sorted(scored)]
+
+    def rotate(self):
+        done = self.complete()
+        if not done:
+            return
+        steps = sorted(done)
+        keep = {steps[-1]} | (self.permanent & set(steps))
+        keep |= set(steps if self.keep_last_n < 0 else steps[len(steps) - self.keep_last_n:] if self.keep_last_n else [])
+        if self.keep_best_n > 0:
+            keep |= set(self.best()[:self.keep_best_n])
+        for s in steps:
+            if s not in keep:
+                done[s].with_suffix(".json").unlink(missing_ok=True)  # unmark first: never a marker without data
+                done[s].unlink(missing_ok=True)
+
+    def write_index(self):
+        """checkpoints.json: what is here and which one is best, for people and scripts."""
+        best = self.best()
+        index = {"latest": self.latest().name if self.latest() else None,
+                 "best": {"file": f"ckpt_{best[0]:06d}.pt", "step": best[0],
+                          "val_loss": self.meta(best[0]).get("val_loss"),
+                          "why": "lowest validation loss among the kept checkpoints"} if best else None,
+                 "checkpoints": [{"file": p.name, **{k: v for k, v in self.meta(s).items() if k in
+                                                     ("step", "val_loss", "loss", "final")}}
+                                 for s, p in self.complete().items()]}
+        _atomic_write_text(self.dir / "checkpoints.json", json.dumps(index, indent=2))
+
+
+def load_checkpoint(path) -> dict:
+    """Load with weights_only=True (no arbitrary code from a downloaded file); a clear error otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        f"it may be truncated or not a t4chat checkpoint. Pick another with --checkpoint_path "
+                        f"or --pretrained_checkpoint") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"{path} is not a t4chat checkpoint (no 'model' entry)")
+    ckpt["model"] = strip_prefixes(ckpt["model"])
+    return ckpt
+
+
+def check_arch(ckpt_arch: dict, arch: dict, path, fix: str):
+    """Refuse a checkpoint of another architecture, naming every differing field."""
+    diff = [f"{k}={ckpt_arch.get(k)} (config says {arch.get(k)})" for k in sorted(set(ckpt_arch) | set(arch))
+            if ckpt_arch.get(k) != arch.get(k)]
+    if diff:
+        raise UserError(f"checkpoint {path} has another architecture: {', '.join(diff)}. {fix}")
+
+
+def resolve_checkpoint(spec: str, *, default_stage=None) -> Path:
+    """Where a stage starts from (`pretrained_checkpoint`): a .pt file, a run directory (its LATEST), a stage
+    directory (its newest run), or a stage name (base, mid, sft, dolly). One function for every script."""
+    spec = (spec or default_stage or "").strip()
+    if not spec:
+        raise UserError("no checkpoint given; pass --pretrained_checkpoint=<file, run dir or stage name>")
+    if spec.startswith("hf:"):
+        raise UserError(f"{spec}: loading Hugging Face checkpoints is not supported yet")
+    if spec in STAGE_DIRS:
+        where = base_dir() / STAGE_DIRS[spec]
+    else:
+        where = Path(spec).expanduser()
+    if where.is_file():
+        return where
+    if where.is_dir():
+        found = CheckpointManager(where).latest()
+        if found:
+            return found
+        runs = [CheckpointManager(d) for d in where.iterdir() if d.is_dir()]
+        runs = [(r.latest().stat().st_mtime, r.latest()) for r in runs if r.latest()]
+        if runs:
+            return max(runs)[1]
+    looked = f"{where}" + (f" (stage '{spec}' under $NANOCHAT_BASE_DIR={base_dir()})" if spec in STAGE_DIRS else "")
+    raise UserError(f"no complete checkpoint found at {looked}. Train that stage first, or pass "
+                    f"--pretrained_checkpoint=<a ckpt_*.pt file or a run directory>")

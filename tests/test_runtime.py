@@ -1,0 +1,160 @@
+"""Runtime policy: precision, LR schedule, batch arithmetic, MFU table. python -m pytest -q tests/test_runtime.py"""
+import math
+from unittest import mock
+
+import pytest
+import torch
+
+import common
+from common import UserError, get_lr, pick_dtype, resolve_batch
+
+
+# ---- precision policy (the CUDA queries are mocked: this machine has no GPU) ----
+
+def test_t4_gets_fp16_and_scaler_even_though_bf16_is_emulated():
+    cuda = torch.device("cuda", 0)
+    # torch.cuda.is_bf16_supported() says True on a T4 through emulation: it must not be asked
+    with mock.patch("torch.cuda.is_bf16_supported", side_effect=AssertionError("must not be asked")):
+        with mock.patch("torch.cuda.get_device_capability", return_value=(7, 5)):
+            dtype, reason = pick_dtype(cuda, "auto")
+    assert dtype == torch.float16
+    assert "7.5" in reason and "GradScaler" in reason
+
+
+def test_ampere_gets_bf16():
+    with mock.patch("torch.cuda.get_device_capability", return_value=(8, 0)):
+        dtype, reason = pick_dtype(torch.device("cuda", 0), "auto")
+    assert dtype == torch.bfloat16 and "8.0" in reason
+
+
+def test_cpu_gets_fp32_and_explicit_override_wins():
+    assert pick_dtype(torch.device("cpu"), "auto")[0] == torch.float32
+    assert pick_dtype(torch.device("cpu"), "float16")[0] == torch.float16
+    assert pick_dtype(torch.device("cpu"), "bf16")[0] == torch.bfloat16
+    with mock.patch("torch.cuda.get_device_capability", return_value=(7, 5)):
+        dtype, reason = pick_dtype(torch.device("cuda", 0), "bfloat16")
+    assert dtype == torch.bfloat16 and "emulated" in reason
+    with pytest.raises(UserError, match="float16"):
+        pick_dtype(torch.device("cpu"), "fp8")
+
+
+def test_scaler_only_for_fp16_and_it_works_on_cpu():
+    cpu = torch.device("cpu")
+    assert common.make_autocast_and_scaler(cpu, torch.float32)[1] is None
+    assert common.make_autocast_and_scaler(cpu, torch.bfloat16)[1] is None
+    ctx, scaler = common.make_autocast_and_scaler(cpu, torch.float16)
+    lin = torch.nn.Linear(8, 8)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    with ctx:
+        out = lin(torch.randn(4, 8))
+    assert out.dtype == torch.float16
+    # an overflowing gradient: the scaler skips the step and halves its scale
+    before = lin.weight.detach().clone()
+    scaler.scale(out.float().sum() * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(lin.weight, before)
+    assert scaler.get_scale() == 65536.0 / 2
+
+
+def test_muon_never_orthogonalises_in_bf16_without_bf16_hardware():
+    with mock.patch("torch.cuda.get_device_capability", return_value=(7, 5)):
+        assert common.muon_ns_dtype(torch.device("cuda", 0), torch.bfloat16) == torch.float32
+    with mock.patch("torch.cuda.get_device_capability", return_value=(9, 0)):
+        assert common.muon_ns_dtype(torch.device("cuda", 0), torch.bfloat16) == torch.bfloat16
+    assert common.muon_ns_dtype(torch.device("cpu"), torch.bfloat16) == torch.float32
+
+
+# ---- LR schedule ----
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant", "cosine_with_restarts"])
+def test_lr_never_zero_at_step_zero_and_warms_up(kind):
+    kw = dict(max_lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100, scheduler=kind, restarts=2)
+    lrs = [get_lr(s, **kw) for s in range(101)]
+    assert lrs[0] > 0
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # strictly rising warmup
+    assert lrs[10] == pytest.approx(1e-3)
+    assert max(lrs) == pytest.approx(1e-3)
+    if kind == "constant":
+        assert lrs[-1] == pytest.approx(1e-3)
+    else:
+        assert lrs[-1] == pytest.approx(1e-4)
+        assert min(lrs[10:]) >= 1e-4 - 1e-12  # never below min_lr after warmup
+
+
+def test_lr_shapes():
+    kw = dict(max_lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=100)
+    assert get_lr(50, **kw, scheduler="cosine") == pytest.approx(0.5)
+    assert get_lr(25, **kw, scheduler="linear") == pytest.approx(0.75)
+    cos = [get_lr(s, **kw, scheduler="cosine") for s in range(101)]
+    assert all(a >= b for a, b in zip(cos, cos[1:]))  # monotone decay
+    # two restarts: back at the top half-way through
+    r = [get_lr(s, **kw, scheduler="cosine_with_restarts", restarts=2) for s in range(101)]
+    assert r[50] == pytest.approx(1.0) and r[49] < 0.01
+    assert get_lr(60, **kw, scheduler="cosine", decay_lr=False) == 1.0
+    with pytest.raises(UserError, match="cosine"):
+        get_lr(0, **kw, scheduler="step")
+
+
+def test_lr_scaling_follows_gpu_count_only_when_accumulation_is_per_gpu():
+    assert common.scale_lr(1e-4, mode="none", global_batch=8, reference_batch=1) == 1e-4
+    assert common.scale_lr(1e-4, mode="linear", global_batch=8, reference_batch=1) == pytest.approx(8e-4)
+    assert common.scale_lr(1e-4, mode="sqrt", global_batch=8, reference_batch=1) == pytest.approx(1e-4 * math.sqrt(8))
+    with pytest.raises(UserError):
+        common.scale_lr(1e-4, mode="cubic", global_batch=8, reference_batch=1)
+
+
+def test_schedule_pairs():
+    def res(user_set, **kw):
+        base = dict(max_steps=-1, num_epochs=-1, warmup_steps=-1, warmup_ratio=-1)
+        base.update(kw)
+        return common.resolve_schedule(**base, user_set=user_set, steps_per_epoch=lambda: 10,
+                                       default_steps=lambda: 77)
+    assert res(set()) == (77, 0)
+    assert res({"max_steps"}, max_steps=100, warmup_ratio=0.1) == (100, 10)
+    assert res({"num_epochs"}, num_epochs=2.5) == (25, 0)
+    # a script default yields to the user's value; two user values are an error naming both
+    assert res({"warmup_steps"}, max_steps=100, warmup_steps=5, warmup_ratio=0.1) == (100, 5)
+    with pytest.raises(UserError, match="warmup_steps.*warmup_ratio"):
+        res({"warmup_steps", "warmup_ratio"}, max_steps=100, warmup_steps=5, warmup_ratio=0.1)
+    with pytest.raises(UserError, match="max_steps.*num_epochs"):
+        res({"max_steps", "num_epochs"}, max_steps=100, num_epochs=2)
+
+
+# ---- batch arithmetic ----
+
+def test_grad_accum_derived_and_world_size_invariant():
+    kw = dict(grad_accum_steps=-1, device_batch_size=4, max_seq_len=1024, user_set=set())
+    assert resolve_batch(total_batch_size=131072, world_size=4, **kw) == (131072, 8)
+    assert resolve_batch(total_batch_size=131072, world_size=1, **kw) == (131072, 32)
+
+
+def test_bad_batch_arithmetic_shows_the_sum_and_valid_values():
+    with pytest.raises(UserError) as e:
+        resolve_batch(total_batch_size=100000, grad_accum_steps=-1, device_batch_size=4, max_seq_len=1024,
+                      world_size=3, user_set=set())
+    msg = str(e.value)
+    assert "4*1024*3 = 12288" in msg
+    assert "98304" in msg and "110592" in msg  # the nearest valid totals
+
+
+def test_grad_accum_given_instead_of_total():
+    # the user passes grad_accum_steps; the script's default total_batch_size gives way
+    assert resolve_batch(total_batch_size=131072, grad_accum_steps=2, device_batch_size=4, max_seq_len=128,
+                         world_size=2, user_set={"grad_accum_steps"}) == (2048, 2)
+    with pytest.raises(UserError, match="total_batch_size.*grad_accum_steps"):
+        resolve_batch(total_batch_size=2048, grad_accum_steps=2, device_batch_size=4, max_seq_len=128,
+                      world_size=2, user_set={"grad_accum_steps", "total_batch_size"})
+
+
+# ---- MFU table ----
+
+def test_peak_flops_table():
+    assert common.peak_flops("Tesla T4", torch.float16) == 65e12
+    assert common.peak_flops("Tesla T4", torch.bfloat16) is None  # emulated: no honest peak
+    assert common.peak_flops("NVIDIA A100-SXM4-80GB", torch.bfloat16) == 312e12
+    assert common.peak_flops("NVIDIA A10", torch.bfloat16) == 125e12
+    assert common.peak_flops("NVIDIA GeForce RTX 4060 Laptop GPU", torch.float16) == 46e12
+    assert common.peak_flops("NVIDIA GeForce RTX 3080", torch.bfloat16) == 59.5e12
+    assert common.peak_flops("Some Future GPU", torch.bfloat16) is None
+    assert common.peak_flops("Some Future GPU", torch.bfloat16, override=1e15) == 1e15
