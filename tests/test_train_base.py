@@ -1,0 +1,197 @@
+"""train_base.py end to end in subprocesses: smoke run, exact resume after SIGKILL/SIGTERM, DDP parity, bad input.
+python -m pytest -q tests/test_train_base.py"""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, SHARED, TINY, needs_shared, read_metrics, run_script
+
+
+def _args(corpus, out, *extra, steps=12):
+    return [*TINY, f"--data_root={corpus}", f"--out_dir={out}", f"--max_steps={steps}", "--total_batch_size=1024",
+            "--eval_every=4", "--checkpoint_interval=4", *extra]
+
+
+def _final_weights(run_dir):
+    latest = (run_dir / "LATEST").read_text(encoding="utf-8").strip()
+    return torch.load(run_dir / latest, map_location="cpu", weights_only=True)
+
+
+def _assert_same_run(a, b, steps):
+    ca, cb = _final_weights(a), _final_weights(b)
+    assert ca["step"] == cb["step"] == steps
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), f"weights differ at {k}"
+    la, lb = read_metrics(a), read_metrics(b)
+    assert sorted(la) == sorted(lb) == list(range(steps))
+    assert [la[s]["loss"] for s in la] == [lb[s]["loss"] for s in la]  # identical logged losses
+
+
+def _start(args, env=None):
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, str(REPO / "train_base.py"), *map(str, args)], cwd=REPO, env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(proc, run_dir, min_step, timeout=120):
+    """Poll until a complete checkpoint at >= min_step exists, while the run is still going."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        latest = run_dir / "LATEST"
+        if latest.exists():
+            step = int(latest.read_text(encoding="utf-8").strip()[5:11])
+            if step >= min_step:
+                return step
+        assert proc.poll() is None, f"run ended before a checkpoint at {min_step}:\n{proc.stdout.read()}"
+        time.sleep(0.01)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_smoke_loss_falls_val_bpb_and_checkpoint(tiny_corpus, tmp_path):
+    out = tmp_path / "run"
+    p = run_script("train_base.py", *_args(tiny_corpus, out, "--max_lr=0.01", steps=30))
+    train = read_metrics(out)
+    first, last = train[0]["loss"], train[29]["loss"]
+    assert last < first - 1.0, (first, last)
+    assert abs(first - math.log(320)) < 1.0  # starts near ln(vocab)
+    evals = read_metrics(out, "eval")
+    assert evals[30]["val_bpb"] < evals[0]["val_bpb"]
+    assert "val bpb" in p.stdout and "mfu n/a" in p.stdout and "tok/s" in p.stdout and "gnorm" in p.stdout
+    assert (out / "ckpt_000030.pt").exists() and (out / "train.log").exists()
+    log = (out / "train.log").read_text(encoding="utf-8")
+    assert "git " in log and "torch " in log and "device:" in log and "max_seq_len = 64" in log
+
+
+@pytest.fixture(scope="module")
+def reference_runs(tiny_corpus, tmp_path_factory):
+    """Uninterrupted 40-step runs, fp32 and fp16 (the T4 path on CPU), for the resume tests to match."""
+    out = {}
+    for dt in ("float32", "float16"):
+        d = tmp_path_factory.mktemp(f"ref_{dt}") / "run"
+        run_script("train_base.py", *_args(tiny_corpus, d, f"--dtype={dt}", "--total_batch_size=2048",
+                                           "--checkpoint_interval=5", steps=40))
+        out[dt] = d
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dt", ["float32", "float16"])
+def test_sigkill_then_auto_resume_is_bitwise_identical(dt, tiny_corpus, tmp_path, reference_runs):
+    out = tmp_path / "run"
+    args = _args(tiny_corpus, out, f"--dtype={dt}", "--total_batch_size=2048", "--checkpoint_interval=5", steps=40)
+    proc = _start(args)
+    _wait_for_checkpoint(proc, out, 10)
+    proc.kill()  # SIGKILL: no handler runs, exactly like a power cut or the OOM killer
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "ckpt_000040.pt").exists(), "the run finished before the kill; the test proves nothing"
+    p = run_script("train_base.py", *args, "--auto_resume=True")
+    assert "resume: from" in p.stdout
+    _assert_same_run(reference_runs[dt], out, 40)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_step_boundary_and_resumes_exactly(tiny_corpus, tmp_path, reference_runs):
+    out = tmp_path / "run"
+    args = _args(tiny_corpus, out, "--dtype=float32", "--total_batch_size=2048", "--checkpoint_interval=5", steps=40)
+    proc = _start(args)
+    _wait_for_checkpoint(proc, out, 5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout
+    assert "SIGTERM received" in stdout
+    stopped = int((out / "LATEST").read_text(encoding="utf-8")[5:11])
+    assert 5 <= stopped < 40
+    run_script("train_base.py", *args, "--auto_resume=True")
+    _assert_same_run(reference_runs["float32"], out, 40)
+
+
+def _torchrun(nproc, args):
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        str(REPO / "train_base.py"), *map(str, args)], cwd=REPO, env=e, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_and_resume_on_one(tiny_corpus, tmp_path):
+    common_args = ["--lr_scheduler=constant", "--total_batch_size=1024", "--checkpoint_interval=3",
+                   "--eval_every=3"]
+    one, two, moved = tmp_path / "one", tmp_path / "two", tmp_path / "moved"
+    run_script("train_base.py", *_args(tiny_corpus, one, *common_args, steps=6))
+    _torchrun(2, _args(tiny_corpus, two, *common_args, steps=6))
+    l1, l2 = read_metrics(one), read_metrics(two)
+    assert sorted(l1) == sorted(l2) == list(range(6))
+    for s in range(6):
+        assert l2[s]["loss"] == pytest.approx(l1[s]["loss"], rel=1e-4), s
+    e1, e2 = read_metrics(one, "eval"), read_metrics(two, "eval")
+    assert e2[6]["val_loss"] == pytest.approx(e1[6]["val_loss"], rel=1e-4)
+    # the 2-process checkpoint at step 3 continues on 1 process, on the same data
+    run_script("train_base.py", *_args(tiny_corpus, moved, *common_args, steps=6),
+               f"--resume={two / 'ckpt_000003.pt'}")
+    lm = read_metrics(moved)
+    assert sorted(lm) == [3, 4, 5]
+    for s in (3, 4, 5):
+        assert lm[s]["loss"] == pytest.approx(l2[s]["loss"], rel=1e-4), s
+
+
+@needs_shared
+def test_real_pretrain_shards_with_gpt2_tokenizer(tmp_path):
+    """The issue's command on ../shared/data/pretrain, shortened: GPT-2 files load offline, bpb is printed."""
+    out = tmp_path / "run"
+    p = run_script("train_base.py", "--depth=2", "--max_seq_len=128", "--device_batch_size=4",
+                   "--total_batch_size=1024", "--max_steps=4", "--eval_every=2", "--eval_tokens=2048",
+                   f"--data_root={SHARED / 'data' / 'pretrain'}", "--device=cpu", "--compile=False",
+                   "--sample_every=4", f"--out_dir={out}")
+    evals = read_metrics(out, "eval")
+    assert set(evals) == {0, 2, 4} and all(math.isfinite(e["val_bpb"]) for e in evals.values())
+    assert "sample:" in p.stdout
+    assert _final_weights(out)["tokenizer"]["name"] == "gpt2"
+
+
+# ---- bad input: one clear message, exit != 0, within seconds, nothing damaged ----
+
+def _fails(capsys_args, expect, **kw):
+    t0 = time.time()
+    p = run_script("train_base.py", *capsys_args, check=False, **kw)
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr, p.stderr
+    for e in expect:
+        assert e in p.stderr, (e, p.stderr)
+    assert time.time() - t0 < 60
+    return p
+
+
+def test_bad_inputs_fail_fast_with_a_fix(tiny_corpus, tmp_path):
+    base = [*TINY, f"--data_root={tiny_corpus}", f"--out_dir={tmp_path / 'r'}", "--max_steps=2"]
+    _fails([*base, "--batch_size=8"], ["batch_size", "device_batch_size"])
+    _fails([*base, "--total_batch_size=1000"], ["total_batch_size=1000", "4*64*1", "--total_batch_size=768 or"])
+    _fails([*base, "--total_batch_size=1024", "--grad_accum_steps=2"], ["total_batch_size", "grad_accum_steps"])
+    _fails([*TINY, f"--data_root={tmp_path / 'nope'}", "--max_steps=2"], ["nope"])
+    bad = tmp_path / "bad_data"
+    bad.mkdir()
+    (bad / "shard_00000.parquet").write_bytes(b"this is not parquet")
+    (bad / "shard_00001.parquet").write_bytes(b"nor this")
+    _fails([*TINY, f"--data_root={bad}", "--max_steps=2"], ["shard_00000.parquet"])
+    _fails([*base, "--dtype=fp8"], ["dtype"])
+
+
+def test_incompatible_checkpoint_and_existing_run_are_refused_untouched(tiny_corpus, tmp_path):
+    out = tmp_path / "run"
+    run_script("train_base.py", *_args(tiny_corpus, out, steps=4))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".pt", ".json")}
+    # a fresh run into a folder with checkpoints would rotate them away: refused
+    _fails(_args(tiny_corpus, out, steps=4), ["--auto_resume=True", "--run_name"])
+    # resuming with another depth: the differing field is named
+    _fails(_args(tiny_corpus, out, "--depth=3", "--auto_resume=True", steps=8), ["depth=2 (config says 3)", "another architecture"])
+    # resuming with another tokenizer is refused as well (bytes -> gpt2 changes the vocabulary)
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".pt", ".json")}
+    assert before == after
