@@ -238,3 +238,27 @@ def resolve_checkpoint(spec: str, *, default_stage=None) -> Path:
     looked = f"{where}" + (f" (stage '{spec}' under $NANOCHAT_BASE_DIR={base_dir()})" if spec in STAGE_DIRS else "")
     raise UserError(f"no complete checkpoint found at {looked}. Train that stage first, or pass "
                     f"--pretrained_checkpoint=<a ckpt_*.pt file or a run directory>")
+
+
+def build_from_checkpoint(ckpt: dict, path, max_seq_len=None):
+    """The model and tokenizer a checkpoint describes, with its weights. The tokenizer is the one the
+    checkpoint recorded (by name), checked against its fingerprint so a changed vocabulary is refused.
+    max_seq_len may differ from training's: it only sizes the RoPE table, which holds no weights."""
+    from model import GPT, GPTConfig
+    from tokenizer import check_compatible, get_tokenizer
+    arch = dict(ckpt["arch"])
+    if max_seq_len:
+        arch["max_seq_len"] = max_seq_len
+    tok = get_tokenizer(ckpt["tokenizer"]["name"])
+    check_compatible(ckpt["tokenizer"], tok, str(path))
+    model = GPT(GPTConfig(**arch))
+    model.load_state_dict(ckpt["model"])
+    return model, tok
+
+
+def load_model(spec: str, device="cpu", default_stage="sft"):
+    """For the faces (chat, eval, serve): (model in eval mode on `device`, tokenizer, checkpoint path)
+    from a file, run folder or stage name."""
+    path = resolve_checkpoint(spec, default_stage=default_stage)
+    model, tok = build_from_checkpoint(load_checkpoint(path), path)
+    return model.to(device).eval(), tok, path

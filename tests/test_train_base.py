@@ -92,7 +92,7 @@ def test_sigkill_then_auto_resume_is_bitwise_identical(dt, tiny_corpus, tmp_path
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "ckpt_000040.pt").exists(), "the run finished before the kill; the test proves nothing"
     p = run_script("train_base.py", *args, "--auto_resume=True")
-    assert "resume: from" in p.stdout
+    assert "(resume, step " in p.stdout
     _assert_same_run(reference_runs[dt], out, 40)
 
 

@@ -1,0 +1,340 @@
+"""training.py: what every stage script shares, from its parsed globals to its last checkpoint.
+
+A stage script (train_base.py, train_mid.py, train_sft.py, finetune_dolly.py) keeps only what differs per
+stage — its defaults, its data and what it evaluates — and hands the rest to one Stage object:
+
+    st = Stage(globals(), "mid", init_stage="base")   # config, checks, run folder, resume source: no process group yet
+    st.setup()                                         # DDP, device, precision, seed
+    model = st.build_model()                           # from scratch, from an earlier stage, or resumed
+    st.fit(model, train_loader, accum=..., steps=..., evaluate=...)
+
+The loop in fit() is the only training loop in the repo, so exact resume, no_sync accumulation, the
+GradScaler path, the non-finite guard, SIGTERM handling and the log line are written (and tested) once.
+"""
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common
+from checkpoint import (STAGE_DIRS, CheckpointManager, check_arch, load_checkpoint, resolve_checkpoint, rng_state,
+                        set_rng_state)
+from common import UserError, print0
+
+# the globals a stage script may declare to shape a model from scratch (base); later stages take the shape
+# from the checkpoint they start from, and only check these when the user passes them explicitly
+ARCH_KEYS = ("depth", "n_embd", "n_head", "n_kv_head")
+
+
+class Stage:
+    def __init__(self, g: dict, name: str, *, init_stage=None, argv=None):
+        """Parse the config and settle everything that can fail on bad input, before any process group exists,
+        so a typo fails in a second on every rank alike."""
+        from tokenizer import get_tokenizer
+        self.name, self.init_stage = name, init_stage
+        self.config, self.user_set = common.load_config(g, argv)
+        c = self.c = self.config
+        self.rank, _, self.world_size = common.dist_env()
+        self.is_master = self.rank == 0
+
+        # where this stage starts from: an earlier stage's checkpoint (mid, sft, dolly) or, for base, scratch
+        # unless pretrained_checkpoint is given; both through the one resolve_checkpoint() rule
+        spec = c.get("pretrained_checkpoint", "")
+        self.init_path = None
+        if spec or init_stage:
+            self.init_path = resolve_checkpoint(spec, default_stage=init_stage)
+        self.init_ckpt = load_checkpoint(self.init_path) if self.init_path else None
+
+        # the run folder: <stage dir>/<run_name>; a later stage keeps the name of the run it starts from (d12 -> d12)
+        default_run = (self.init_path.parent.name if self.init_path and init_stage else f"d{c.get('depth', 0)}")
+        self.run_name = c.get("run_name") or default_run
+        self.ckpt_dir = Path(c.get("out_dir") or common.base_dir() / STAGE_DIRS[name] / self.run_name)
+        self.ckpts = CheckpointManager(self.ckpt_dir, keep_last_n=c["keep_last_n_checkpoints"],
+                                       permanent=c["permanent_checkpoints"], keep_best_n=c.get("keep_best_n", 0),
+                                       is_master=self.is_master)
+        self.resume_path = None
+        if c["resume"]:
+            if not c["checkpoint_path"]:
+                raise UserError("resume=True needs --checkpoint_path=<ckpt file or run folder> (or --resume=<path>)")
+            self.resume_path = resolve_checkpoint(c["checkpoint_path"])
+        elif c["auto_resume"]:
+            self.resume_path = self.ckpts.latest()
+            if self.resume_path is None:
+                print0(f"auto_resume: no complete checkpoint in {self.ckpt_dir} yet, starting a new run")
+        elif self.ckpts.latest() is not None:
+            raise UserError(f"{self.ckpt_dir} already holds checkpoints of an earlier run (newest: "
+                            f"{self.ckpts.latest().name}). Continue it with --auto_resume=True, or start another run "
+                            f"with --run_name=<new name>")
+        self.resume_ckpt = load_checkpoint(self.resume_path) if self.resume_path else None
+
+        # the tokenizer: the one a checkpoint recorded wins (a mid run uses its base's vocabulary), unless the
+        # user names one explicitly, which must then match
+        source = self.resume_ckpt or self.init_ckpt
+        tok_spec = c.get("tokenizer", "")
+        if source is not None and "tokenizer" not in self.user_set:
+            tok_spec = source["tokenizer"]["name"]
+        self.tok = get_tokenizer(tok_spec or "gpt2")
+
+    # ---- setup ----
+    def setup(self):
+        c = self.c
+        self.dist = common.setup_distributed(c["device"])
+        self.device = dev = self.dist.device
+        self.dtype, self.dtype_reason = common.pick_dtype(dev, c["dtype"])
+        self.autocast, self.scaler = common.make_autocast_and_scaler(dev, self.dtype)
+        common.seed_everything(c["seed"])
+        if dev.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores where they exist (sm>=8.0)
+            torch.backends.cudnn.allow_tf32 = True
+        self.stopper = common.StopSignal()
+        return self
+
+    # ---- model ----
+    def build_model(self):
+        """Resume > an earlier stage's checkpoint > scratch. A loaded checkpoint gives the shape; shape keys the
+        user passed explicitly must agree with it, and a different vocabulary is refused."""
+        from model import GPT, GPTConfig
+        from tokenizer import check_compatible
+        c = self.c
+        src, src_path = ((self.resume_ckpt, self.resume_path) if self.resume_ckpt is not None
+                         else (self.init_ckpt, self.init_path))
+        given = {k: c[k] for k in ARCH_KEYS if k in c}
+        try:
+            if src is None:
+                cfg = GPTConfig(**given, vocab_size=self.tok.vocab_size, max_seq_len=c["max_seq_len"])
+            else:
+                check_compatible(src["tokenizer"], self.tok, str(src_path))
+                arch = dict(src["arch"])
+                trained_len = arch.pop("max_seq_len")
+                mine = GPTConfig(**{**arch, **{k: v for k, v in given.items() if k in self.user_set}},
+                                 max_seq_len=trained_len).arch_dict()
+                check_arch(src["arch"], mine, src_path,
+                           "Drop those settings (the checkpoint decides the shape), or point --pretrained_checkpoint/"
+                           "--checkpoint_path at a checkpoint of that shape")
+                if c["max_seq_len"] > trained_len:
+                    print0(f"warning: max_seq_len={c['max_seq_len']} exceeds the {trained_len} tokens {src_path} was "
+                           f"trained with; positions beyond it are new to the model and it may need more steps")
+                cfg = GPTConfig(**arch, max_seq_len=c["max_seq_len"])
+            model = GPT(cfg)
+        except ValueError as e:
+            raise UserError(f"model shape: {e}") from None
+        if src is not None:
+            model.load_state_dict(src["model"])
+        self.init_ckpt = None  # the weights are in the model now; free the copy
+        model.to(self.device)
+        model.gradient_checkpointing = c.get("gradient_checkpointing", False)
+        self.arch = model.config.arch_dict()
+        return model
+
+    # ---- horizon and learning rate ----
+    def schedule(self, model, *, steps_per_epoch, default_steps, global_batch, reference_batch):
+        """(steps, warmup, peak_lr, final_lr) from max_steps|num_epochs, warmup_steps|warmup_ratio, lr_scaling."""
+        c = self.c
+        steps, warmup = common.resolve_schedule(
+            max_steps=c["max_steps"], num_epochs=c.get("num_epochs", -1), warmup_steps=c["warmup_steps"],
+            warmup_ratio=c["warmup_ratio"], user_set=self.user_set, steps_per_epoch=steps_per_epoch,
+            default_steps=default_steps)
+        peak = common.scale_lr(c["max_lr"], mode=c["lr_scaling"], global_batch=global_batch,
+                               reference_batch=c["lr_reference_batch"] if c["lr_reference_batch"] > 0 else reference_batch)
+        final = c["min_lr"] if c["min_lr"] >= 0 else peak / 10
+        return steps, warmup, peak, final
+
+    # ---- evaluation helper ----
+    @torch.no_grad()
+    def eval_loss(self, model, loader, n_batches, token_bytes=None):
+        """Mean loss over the trained tokens of n_batches from `loader` (reset first, so every eval sees the same
+        data), summed over ranks; plus bits-per-byte when token_bytes is given."""
+        was_training = model.training
+        model.eval()
+        loader.reset()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss (nats), tokens, bytes
+        for _ in range(max(1, n_batches)):
+            x, y = loader.next_batch()
+            with self.autocast:
+                losses = model(x, y, reduction="none").float()
+            if token_bytes is None:
+                counted = y != -1
+                nbytes = counted
+            else:
+                nbytes = token_bytes[y.clamp(min=0)] * (y != -1)
+                counted = nbytes > 0  # specials (bos) carry no bytes: left out of bpb, as nanochat does
+            sums += torch.stack([(losses * counted).sum().double(), counted.sum().double(), nbytes.sum().double()])
+        common.all_reduce(sums)
+        model.train(was_training)
+        out = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item()}
+        if token_bytes is not None:
+            out["val_bpb"] = (sums[0] / (math.log(2) * sums[2].clamp(min=1))).item()
+        return out
+
+    # ---- the loop ----
+    def fit(self, model, train_loader, *, accum, steps, warmup, peak_lr, final_lr, evaluate, sample=None,
+            header=None):
+        """Train `steps` optimizer steps of `accum` micro-batches per rank, evaluating and checkpointing on the way.
+        evaluate(raw_model, step) -> dict of metrics (val_loss drives keep_best_n); sample(raw_model) runs on rank 0."""
+        c, dev, scaler, dist_info = self.c, self.device, self.scaler, self.dist
+        raw_model = model
+        optim = raw_model.configure_optimizers(optimizer=c["optimizer"], max_lr=peak_lr,
+                                               matrix_lr=c.get("matrix_lr", 0.02) * peak_lr / c["max_lr"],
+                                               weight_decay=c["weight_decay"],
+                                               ns_dtype=common.muon_ns_dtype(dev, self.dtype))
+        start_step = 0
+        ck = self.resume_ckpt
+        if ck is not None:
+            optim.load_state_dict(ck["optimizer"])
+            if scaler is not None and ck.get("scaler"):
+                scaler.load_state_dict(ck["scaler"])
+            train_loader.load_state_dict(ck["loader"])
+            set_rng_state(ck["rng"])
+            start_step = ck["step"]
+            if ck.get("world_size") != self.world_size:
+                print0(f"resuming a {ck.get('world_size')}-process checkpoint on {self.world_size} process(es): the "
+                       f"data stream and global batch are unchanged, gradient accumulation is now {accum}")
+            self.resume_ckpt = ck = None
+        if start_step >= steps and start_step > 0:
+            print0(f"the checkpoint is at step {start_step} and max_steps={steps}: nothing left to train")
+
+        use_compile = c["compile"] if c["compile"] is not None else common.compile_default(dev)
+        if use_compile:
+            model = common.try_compile(model, dev, self.autocast, c["device_batch_size"], c["max_seq_len"])
+        if dist_info.ddp:
+            model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+        num_params, flops_per_token = raw_model.num_params(), raw_model.estimate_flops_per_token()
+        logger = self.logger = common.RunLogger(
+            dist_info, c.get("log_dir") or self.ckpt_dir, c, run_name=self.run_name, wandb_log=c["wandb_log"],
+            wandb_project=c["wandb_project"], resume_step=start_step or None,
+            header={"stage": self.name, "device": common.device_name(dev), "world_size": self.world_size,
+                    "dtype": f"{self.dtype} ({self.dtype_reason})", "tokenizer": self.tok.describe(),
+                    "parameters": f"{num_params:,}", "flops/token": f"{flops_per_token:.3e}", **(header or {}),
+                    "horizon": f"{steps} steps, warmup {warmup}, lr {peak_lr:g} -> {final_lr:g} ({c['lr_scheduler']})",
+                    "checkpoints": str(self.ckpt_dir),
+                    "starts from": (f"{self.resume_path} (resume, step {start_step})" if self.resume_path
+                                    else str(self.init_path or "scratch"))})
+        peak = common.peak_flops(common.device_name(dev), self.dtype, c.get("peak_flops"))
+
+        def save(step, last_loss, val):
+            state = {"model": raw_model.state_dict(), "optimizer": optim.state_dict(),
+                     "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
+                     "config": c, "arch": self.arch, "tokenizer": self.tok.describe(), "stage": self.name,
+                     "world_size": self.world_size, "rng": rng_state(), "loader": train_loader.state_dict()}
+            meta = {"stage": self.name, "loss": last_loss, "final": step == steps, "world_size": self.world_size,
+                    "arch": self.arch, **(val or {})}
+            self.ckpts.save(step, state, meta)
+            logger.print(f"saved checkpoint {self.ckpt_dir}/ckpt_{step:06d}.pt")
+
+        # Eval and checkpoint sit at the top and we run steps+1 iterations, so the final step evaluates and saves
+        # through the same code (nanochat / llm.c layout). A checkpoint at `step` holds the state after `step`
+        # optimizer updates, so resuming continues with iteration `step` exactly.
+        logger.print(f"training {steps} steps from step {start_step}")
+        interval, keep_best = c["checkpoint_interval"], c.get("keep_best_n", 0)
+        lossf, nonfinite = float("nan"), 0
+        for step in range(start_step, steps + 1):
+            last = step == steps
+            stop = self.stopper.should_stop(dev)
+            ckpt_now = step > start_step and (last or stop or (interval > 0 and step % interval == 0))
+            val = None
+            # with keep_best_n every checkpoint needs a score, so it is evaluated too
+            if (c["eval_every"] > 0 and step % c["eval_every"] == 0) or last or (keep_best > 0 and ckpt_now):
+                val = evaluate(raw_model, step)
+                logger.print(f"step {step} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in val.items()))
+                logger.record("eval", step, val)
+            if sample is not None and c.get("sample_every", -1) > 0 and step > 0 and dist_info.is_master and (
+                    step % c["sample_every"] == 0 or last):
+                sample(raw_model)
+            if ckpt_now:
+                if math.isfinite(lossf):
+                    save(step, lossf, val)
+                else:  # never checkpoint a diverged model: rotation would delete the good ones
+                    logger.print(f"step {step}: loss is not finite, checkpoint skipped (last good one kept)")
+            if last or stop:
+                if stop and not last:
+                    logger.print(f"{self.stopper.requested} received: stopped at step {step}; "
+                                 f"resume with --auto_resume=True")
+                break
+
+            t0 = time.time()
+            lr = common.get_lr(step, max_lr=peak_lr, min_lr=final_lr, warmup_steps=warmup, max_steps=steps,
+                               scheduler=c["lr_scheduler"], decay_lr=c["decay_lr"], restarts=c["lr_restarts"])
+            for group in optim.param_groups:
+                group["lr"] = group["base_lr"] * lr / peak_lr
+            lossf, tokens = self._train_step(model, train_loader, accum)
+            if scaler is not None:
+                scaler.unscale_(optim)  # clip and report the true gradient norm, not the scaled one
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                raw_model.parameters(), c["grad_clip"] if c["grad_clip"] > 0 else float("inf")).item()
+            skipped = None
+            if math.isfinite(lossf):
+                nonfinite = 0
+                if scaler is not None:
+                    scale = scaler.get_scale()
+                    scaler.step(optim)  # skips the update itself when the fp16 gradients overflowed
+                    scaler.update()
+                    if scaler.get_scale() < scale:  # the scale backs off exactly when a step was skipped
+                        skipped = "fp16 overflow"
+                else:
+                    optim.step()
+            else:
+                # the weights are not touched: a non-finite loss would turn them into NaN for good
+                nonfinite, skipped = nonfinite + 1, "non-finite loss"
+                if scaler is not None:
+                    scaler.update()  # record the overflow so the scale backs off
+                if nonfinite >= c.get("max_nonfinite", 10):
+                    raise UserError(
+                        f"the loss was not finite for {nonfinite} steps in a row (step {step}); the weights were not "
+                        f"updated and the last good checkpoint in {self.ckpt_dir} is intact. Lower --max_lr, raise "
+                        f"--warmup_steps, or try --dtype=float32 to find the cause, then resume with --auto_resume=True")
+            optim.zero_grad(set_to_none=True)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+
+            if step % c["log_every"] == 0 or step == steps - 1:
+                tok_per_s = tokens / dt
+                mfu = flops_per_token * tok_per_s / (peak * self.world_size) if peak else None
+                extra = {"skipped": skipped} if skipped else {}
+                if scaler is not None:
+                    extra["scale"] = f"{scaler.get_scale():.0f}"
+                if c.get("log_gradients"):
+                    extra.update(_layer_grad_norms(raw_model))
+                logger.step(step, steps, loss=lossf, lr=lr, dt=dt, tok_per_s=tok_per_s, mfu=mfu, grad_norm=grad_norm,
+                            mem=common.memory_stats(dev), extra=extra or None)
+        logger.close()
+        return raw_model
+
+    def _train_step(self, model, loader, accum):
+        """Forward/backward over `accum` micro-batches; returns (loss of the step, tokens processed on all ranks).
+
+        The loss of a step is the mean over ALL its trained tokens (targets != -1) across micro-batches and ranks.
+        We count them first, then each micro-batch contributes sum(token losses) / total: so a micro-batch with no
+        trained token adds exactly zero (never a NaN), and 1 process with accumulation trains exactly like N
+        processes. DDP averages gradients over ranks, hence the factor world_size.
+        Gradients sync only on the last micro-step (no_sync): PCIe-only T4 boxes otherwise spend more time
+        all-reducing than computing."""
+        batches = [loader.next_batch() for _ in range(accum)]
+        counts = torch.tensor([float(sum((y != -1).sum().item() for _, y in batches)),
+                               float(sum(y.numel() for _, y in batches))], device=self.device)
+        common.all_reduce(counts)
+        n_target, n_tokens = counts.tolist()
+        norm = self.world_size / max(n_target, 1.0)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(batches):
+            sync = i == accum - 1
+            with (model.no_sync() if self.dist.ddp and not sync else nullcontext()):
+                with self.autocast:
+                    loss = model(x, y, reduction="sum") * norm
+                loss_sum += loss.detach()
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        loss_sum = common.all_reduce(loss_sum) / self.world_size
+        return loss_sum.item(), n_tokens
+
+
+def _layer_grad_norms(model):
+    """Per-layer gradient norms (log_gradients=True): the first thing to look at when a run diverges."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None and name.endswith("weight"):
+            out[f"gn/{name.removesuffix('.weight')}"] = round(p.grad.float().norm().item(), 4)
+    return out
