@@ -245,10 +245,11 @@ class Stage:
                     step % c["sample_every"] == 0 or last):
                 sample(raw_model)
             if ckpt_now:
-                if math.isfinite(lossf):
+                if nonfinite == 0:
                     save(step, lossf, val)
-                else:  # never checkpoint a diverged model: rotation would delete the good ones
-                    logger.print(f"step {step}: loss is not finite, checkpoint skipped (last good one kept)")
+                else:  # never checkpoint in a run of non-finite steps: rotation would delete the good ones
+                    logger.print(f"step {step}: the last {nonfinite} step(s) were not finite, checkpoint skipped "
+                                 f"(the last good one is kept)")
             if last or stop:
                 if stop and not last:
                     logger.print(f"{self.stopper.requested} received: stopped at step {step}; "
@@ -266,7 +267,9 @@ class Stage:
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 raw_model.parameters(), c["grad_clip"] if c["grad_clip"] > 0 else float("inf")).item()
             skipped = None
-            if math.isfinite(lossf):
+            # fp16: the GradScaler itself skips steps whose gradients overflowed (normal, logged below); without
+            # a scaler a non-finite gradient norm means the same thing and must not reach the weights either
+            if math.isfinite(lossf) and (scaler is not None or math.isfinite(grad_norm)):
                 nonfinite = 0
                 if scaler is not None:
                     scale = scaler.get_scale()
@@ -278,12 +281,13 @@ class Stage:
                     optim.step()
             else:
                 # the weights are not touched: a non-finite loss would turn them into NaN for good
-                nonfinite, skipped = nonfinite + 1, "non-finite loss"
+                nonfinite = nonfinite + 1
+                skipped = "non-finite loss" if not math.isfinite(lossf) else "non-finite gradient"
                 if scaler is not None:
                     scaler.update()  # record the overflow so the scale backs off
                 if nonfinite >= c.get("max_nonfinite", 10):
                     raise UserError(
-                        f"the loss was not finite for {nonfinite} steps in a row (step {step}); the weights were not "
+                        f"the loss or its gradient was not finite for {nonfinite} steps in a row (step {step}); the weights were not "
                         f"updated and the last good checkpoint in {self.ckpt_dir} is intact. Lower --max_lr, raise "
                         f"--warmup_steps, or try --dtype=float32 to find the cause, then resume with --auto_resume=True")
             optim.zero_grad(set_to_none=True)

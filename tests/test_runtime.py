@@ -158,3 +158,36 @@ def test_peak_flops_table():
     assert common.peak_flops("NVIDIA GeForce RTX 3080", torch.bfloat16) == 59.5e12
     assert common.peak_flops("Some Future GPU", torch.bfloat16) is None
     assert common.peak_flops("Some Future GPU", torch.bfloat16, override=1e15) == 1e15
+
+
+# ---- the error guard and the compile fallback ----
+
+def test_run_turns_user_error_and_oom_into_one_message(capsys):
+    def bad_input():
+        raise UserError("--depth=0 must be >= 1")
+    with pytest.raises(SystemExit) as e:
+        common.run(bad_input)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --depth=0 must be >= 1"
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(SystemExit) as e:
+        common.run(oom)
+    assert e.value.code == 3
+    err = capsys.readouterr().err
+    for advice in ("--device_batch_size", "--gradient_checkpointing=True", "--max_seq_len", "--depth"):
+        assert advice in err
+
+
+def test_compile_failure_falls_back_to_eager(capsys):
+    model = torch.nn.Linear(4, 4)
+
+    class Broken(torch.nn.Module):
+        def forward(self, *a, **k):
+            raise RuntimeError("triton not found")
+    with mock.patch("torch.compile", return_value=Broken()):
+        out = common.try_compile(model, torch.device("cpu"), common.contextlib.nullcontext(), 2, 4)
+    assert out is model
+    assert "continuing without compile" in capsys.readouterr().out
+    assert common.compile_default(torch.device("cpu")) is False

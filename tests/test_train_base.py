@@ -195,3 +195,26 @@ def test_incompatible_checkpoint_and_existing_run_are_refused_untouched(tiny_cor
     # resuming with another tokenizer is refused as well (bytes -> gpt2 changes the vocabulary)
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".pt", ".json")}
     assert before == after
+
+
+def test_repeated_non_finite_losses_stop_with_good_checkpoints_only(tiny_corpus, tmp_path):
+    out = tmp_path / "run"
+    # an absurd learning rate makes the loss NaN within a few steps
+    p = _fails([*TINY, f"--data_root={tiny_corpus}", f"--out_dir={out}", "--max_steps=40", "--total_batch_size=256",
+                "--eval_every=-1", "--checkpoint_interval=1", "--optimizer=adamw", "--max_lr=1e30"],
+               ["not finite for 10 steps in a row", "last good checkpoint", "--max_lr"])
+    assert "checkpoint skipped" in p.stdout
+    kept = list(out.glob("ckpt_*.pt"))
+    assert kept, "the steps before the divergence should have a checkpoint"
+    for f in kept:  # nothing non-finite was ever written
+        meta = torch.load(f, map_location="cpu", weights_only=True)
+        assert math.isfinite(meta["step"]) and all(torch.isfinite(v).all() for v in meta["model"].values())
+
+
+def test_wandb_offline_and_help(tiny_corpus, tmp_path):
+    out = tmp_path / "run"
+    run_script("train_base.py", *TINY, f"--data_root={tiny_corpus}", f"--out_dir={out}", "--max_steps=2",
+               "--total_batch_size=256", "--wandb_log=True", env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)})
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    h = run_script("train_base.py", "-h")
+    assert "--total_batch_size=131072" in h.stdout and "tokens per optimizer step" in h.stdout
