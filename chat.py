@@ -1,0 +1,521 @@
+"""chat.py: talk to any checkpoint, streaming tokens as they are generated.
+in:  a checkpoint (default: the newest SFT one; else dolly, mid, base, with a note)      out: text on stdout
+One answer:   python chat.py -p "Why is the sky blue?"            (or --prompt="...")
+Interactive:  python chat.py --checkpoint=mid --temperature=0.8    (/clear starts over, /quit or Ctrl-D leaves)
+Looping answers from a small model? Try --repetition_penalty=1.2 and/or --top_p=0.9.
+A base checkpoint gets plain text completion (no chat template); --mode=chat|complete overrides the choice.
+The answer goes to stdout; what was loaded and any notes go to stderr, so `-p` output pipes cleanly.
+"""
+import codecs
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import common
+from checkpoint import STAGE_DIRS, load_model
+from common import UserError
+from configurator import apply_overrides
+
+# ---- config (module globals; override with --key=value; -h lists them) ---------------------------------------
+checkpoint = ""               # a ckpt_*.pt, a run folder, or a stage name (base|mid|sft|dolly); "" = newest sft
+prompt = ""                   # answer this one prompt and exit (-p "..." works too); "" = interactive
+system_prompt = ""            # a system message at the start of every conversation (chat mode only)
+mode = "auto"                 # auto (a base checkpoint completes text, the others chat) | chat | complete
+temperature = 0.6             # 0 = greedy (deterministic); higher = more varied
+top_k = 50                    # sample among the k most likely tokens; 0 = off
+top_p = 1.0                   # sample among the fewest tokens whose probability reaches p; 1.0 = off
+repetition_penalty = 1.0      # CTRL-style: logits of tokens already in the conversation /p (or *p if < 0); 1.0 = off
+max_tokens = 256              # most tokens per answer (the model's max_seq_len caps it as well)
+device = "auto"               # auto | cpu | cuda | cuda:N | mps
+dtype = "auto"                # auto (bf16 on sm>=8.0, fp16 on older GPUs, fp32 on CPU) | float32 | float16 | bfloat16
+seed = 42                     # sampling seed, so an answer can be reproduced; -1 = a different one each run
+# ----------------------------------------------------------------------------------------------------------------
+
+# `checkpoint = ""` tries these in order: a finetuned chat model first, then the earlier stages
+DEFAULT_STAGES = ("sft", "dolly", "mid", "base")
+CHAT_STOPS = ("<|assistant_end|>", "<|bos|>", "<|user_start|>")  # end of turn; a new document or a made-up user turn
+_COMMANDS = "/clear starts a new conversation, /quit (or Ctrl-D) leaves"
+
+
+# -----------------------------------------------------------------------------
+# finding and loading the checkpoint
+
+
+def _say(msg):
+    """Notes for the person at the terminal: stderr, so stdout holds only the answer."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _for_chat(err: UserError) -> UserError:
+    # resolve_checkpoint/load_checkpoint speak to the training stages (--pretrained_checkpoint); the same
+    # input is called --checkpoint here
+    text = str(err).replace("--pretrained_checkpoint", "--checkpoint").replace("--checkpoint_path or ", "")
+    return UserError(text)
+
+
+def find_checkpoint(spec: str) -> str:
+    """The checkpoint to load. An explicit spec goes to checkpoint.resolve_checkpoint as is; the default ("")
+    is the newest SFT checkpoint, else the newest of the later fallbacks, saying which one it took."""
+    from checkpoint import resolve_checkpoint
+    if spec:
+        try:
+            return str(resolve_checkpoint(spec))
+        except UserError as e:
+            raise _for_chat(e) from None
+    looked = []
+    for stage in DEFAULT_STAGES:
+        try:
+            path = resolve_checkpoint(stage)
+        except UserError:
+            looked.append(str(common.base_dir() / STAGE_DIRS[stage]))
+            continue
+        if looked:
+            _say(f"note: no SFT checkpoint under {looked[0]}; using the newest {stage} checkpoint instead")
+        return str(path)
+    raise UserError(f"no checkpoint to chat with: looked in {', '.join(looked)} ($NANOCHAT_BASE_DIR="
+                    f"{common.base_dir()}). Train a stage first, or pass --checkpoint=<a ckpt_*.pt file, a run "
+                    f"folder, or a stage name: {'|'.join(STAGE_DIRS)}>")
+
+
+def checkpoint_stage(path) -> str | None:
+    """The stage that wrote a checkpoint: from its small .json marker, else from the file itself.
+    load_model does not return it, and loading the whole file twice would double the start-up time;
+    mmap only maps the tensors, so the fallback reads little more than the pickle."""
+    path = Path(path)
+    try:
+        return json.loads(path.with_suffix(".json").read_text(encoding="utf-8")).get("stage")
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("stage")
+    except Exception:  # noqa: BLE001 - load_model already read it; an odd file just has no known stage
+        return None
+
+
+def load_for_chat(spec: str, dev: torch.device):
+    """(model in eval mode on dev, tokenizer, checkpoint path, stage or None); every failure is a UserError
+    that names the file."""
+    path = find_checkpoint(spec)
+    try:
+        model, tok, path = load_model(path, dev)
+    except UserError as e:
+        raise _for_chat(e) from None
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        # a .pt of another program: no 'arch'/'tokenizer' entry, or weights of another shape
+        raise UserError(f"checkpoint {path} cannot be used for chat ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}); pass --checkpoint=<a t4chat checkpoint>") from None
+    return model, tok, Path(path), checkpoint_stage(path)
+
+
+def use_chat_template(stage, mode: str) -> bool:
+    """True for chat (render the conversation), False for plain completion of the prompt text.
+    A base model never saw the chat tokens, so it completes text; a checkpoint without a recorded stage
+    (written elsewhere) is taken to be a chat model, which --mode=complete corrects."""
+    if mode == "chat":
+        return True
+    if mode == "complete":
+        return False
+    return stage != "base"
+
+
+# -----------------------------------------------------------------------------
+# sampling: one token from the logits of the last position
+
+
+def apply_repetition_penalty(logits, seen, penalty):
+    """CTRL (Keskar et al. 2019), as in Hugging Face's RepetitionPenaltyLogitsProcessor: the logit of every
+    token already in the context is divided by `penalty` when positive and multiplied when negative, so
+    its probability drops either way. logits (B, V), seen (V,) bool."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)  # seen (V,) broadcasts over the rows
+
+
+def top_p_filter(logits, top_p):
+    """Nucleus filtering: keep the smallest set of most likely tokens whose probability reaches top_p
+    (the most likely token always stays); the others get -inf. logits (B, V) -> (B, V)."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    # a token goes when the tokens ranked above it already reach top_p
+    drop = (probs.cumsum(dim=-1) - probs) >= top_p
+    drop[:, 0] = False
+    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+def sample_token(logits, *, temperature, top_k=0, top_p=1.0, generator=None):
+    """One id per row of logits (B, V) -> (B, 1), after the penalty. Order as in HF's samplers:
+    temperature, then top-k, then top-p. temperature 0 is greedy (top-k/top-p change nothing then)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th stay in
+    logits = top_p_filter(logits, top_p)
+    # a caller-owned generator: reproducible answers without touching the global RNG
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+
+
+def check_sampling(*, max_tokens, temperature, top_k, top_p, repetition_penalty):
+    """ValueError naming the bad setting and its allowed range."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens} must be >= 1")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k} must be >= 0 (0 = off)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = off)")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0 (1 = off; 1.1 to 1.3 against loops)")
+
+
+# -----------------------------------------------------------------------------
+# generation: prefill once, then one token per step through the KV cache
+
+
+def stop_ids_for(tok, chat: bool) -> set:
+    """Tokens that end an answer: the end of the assistant turn in chat; in completion a new document
+    (bos, which is GPT-2's <|endoftext|>)."""
+    if chat:
+        return {tok.special_id(name) for name in CHAT_STOPS}
+    return {tok.bos_id}
+
+
+@torch.no_grad()
+def _last_logits(model, x, cache, autocast):
+    # only the last position's logits: a 2048-token prefill through model(x) would build a (2048, 50304)
+    # float32 tensor (400 MB) for one row we use. model.generate() takes the same route through _hidden.
+    with autocast:
+        h = model._hidden(x, cache)
+        return model.lm_head(h[:, -1]).float()
+
+
+def generate_stream(model, tok, ids, *, max_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                    stop_ids=(), generator=None, autocast=None):
+    """Yield the ids of an answer to the prompt `ids` (a list of ints) one at a time, as they are sampled.
+
+    The prompt runs through the model once (prefill into a KV cache); each later step feeds only the
+    token just sampled. A stop token ends the answer and is not yielded. The generator's return value
+    (StopIteration.value; see `consume`) says why it ended: 'stop' (a stop token), 'length' (max_tokens)
+    or 'context' (the model's max_seq_len is full: no position is left to feed another token). Padding ids
+    of the vocabulary (>= tok.n_tokens) are never sampled. The repetition penalty covers the prompt and the
+    answer, except the stop tokens: penalising <|assistant_end|> because earlier turns ended with it would
+    make answers run on, the very thing the penalty is meant to cure.
+    """
+    check_sampling(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   repetition_penalty=repetition_penalty)
+    from model import KVCache
+    limit = model.config.max_seq_len
+    if not 0 < len(ids) <= limit:
+        raise ValueError(f"the prompt is {len(ids)} tokens; the model takes 1 to max_seq_len={limit}")
+    autocast = autocast if autocast is not None else contextlib.nullcontext()
+    dev = model.lm_head.weight.device
+    stop_ids = set(stop_ids)
+    # positions fed to the model: the prompt, then every answer token but the last
+    cache = KVCache(model.config.depth, min(limit, len(ids) + max_tokens - 1))
+    seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=dev)
+    seen[torch.tensor(ids, device=dev)] = True
+    seen[torch.tensor(sorted(stop_ids), dtype=torch.long, device=dev)] = False  # a stop ends the loop: never re-added
+    x = torch.tensor([ids], dtype=torch.long, device=dev)
+    n = 0
+    while True:
+        logits = _last_logits(model, x, cache, autocast)
+        logits[:, tok.n_tokens:] = float("-inf")  # padding rows of the embedding: never trained, never text
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        token = sample_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        t = token.item()
+        if t in stop_ids:
+            return "stop"
+        yield t
+        n += 1
+        if n >= max_tokens:
+            return "length"
+        if cache.pos >= limit:
+            return "context"
+        seen[t] = True
+        x = token.view(1, 1)
+
+
+def consume(stream, on_token) -> str:
+    """Drive a generate_stream, calling on_token(id) for each id; returns the finish reason."""
+    while True:
+        try:
+            on_token(next(stream))
+        except StopIteration as e:
+            return e.value
+
+
+class StreamDecoder:
+    """Token ids -> text, piece by piece. A byte-level token may hold part of a UTF-8 character (a Chinese
+    character is 3 bytes, often split over 2-3 tokens); the incremental decoder keeps such a partial
+    character until its last byte arrives, so a stream never shows U+FFFD for it. Only bytes that can
+    never become valid UTF-8 turn into U+FFFD (the same text tok.decode() gives for the whole answer)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_id: int) -> str:
+        return self._decoder.decode(self.tok.decode_bytes([token_id]))
+
+    def flush(self) -> str:
+        """What is left at the end: an incomplete character decodes to U+FFFD here (the answer was cut)."""
+        return self._decoder.decode(b"", final=True)
+
+
+# -----------------------------------------------------------------------------
+# prompts and the conversation
+
+
+def build_prompt(tok, history, user_text, *, system_prompt="", max_seq_len, reserve):
+    """(prompt ids, number of leading history messages left out) for the next answer.
+
+    history holds the earlier turns, [user, assistant, user, assistant, ...]. tokenizer.render_for_completion
+    (the one rendering code path, the same SFT trains on) drops the oldest exchanges until the prompt leaves
+    `reserve` positions for the answer; the system prompt and the new message always stay. When the new
+    message alone leaves less than `reserve`, it gets whatever room there is; when it does not fit at all,
+    that is a UserError naming the sizes.
+    """
+    from tokenizer import render_for_completion
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    new = [{"role": "user", "content": user_text}]
+    try:
+        ids = render_for_completion(tok, system + list(history) + new, max_seq_len=max_seq_len - reserve)
+    except UserError:
+        ids = render_for_completion(tok, system + new, max_seq_len=max_seq_len)
+    # user text is encoded as ordinary text and can never produce a special token, so counting
+    # <|user_start|> counts the exchanges that were kept (plus the new message)
+    kept = ids.count(tok.special_id("<|user_start|>")) - 1
+    return ids, len(history) - 2 * kept
+
+
+class ChatSession:
+    """A conversation with one model: the history, the sampling settings and the prompt rendering.
+    chat=False is plain completion: each prompt is bos + its text, and there is no history."""
+
+    def __init__(self, model, tok, *, chat=True, system_prompt="", max_tokens=256, temperature=0.6, top_k=50,
+                 top_p=1.0, repetition_penalty=1.0, generator=None, autocast=None):
+        self.model, self.tok, self.chat, self.system_prompt = model, tok, chat, system_prompt
+        self.sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             repetition_penalty=repetition_penalty)
+        check_sampling(**self.sampling)
+        self.generator, self.autocast = generator, autocast
+        self.stop_ids = stop_ids_for(tok, chat)
+        self.history = []            # [{'role': 'user'|'assistant', 'content': str}, ...]
+        self.last_prompt_ids = None  # what the model saw last, for tests and curious users
+        self.last_dropped = 0        # exchanges the last answer had to leave out to fit max_seq_len
+
+    @property
+    def max_seq_len(self):
+        return self.model.config.max_seq_len
+
+    def clear(self):
+        self.history = []
+
+    def prompt_ids(self, user_text):
+        """(ids, how many history messages had to go to fit them into max_seq_len)."""
+        if not self.chat:
+            from tokenizer import render_plain_prompt  # the prefix finetune_dolly's plain template trains on
+            ids = render_plain_prompt(self.tok, user_text)
+            if len(ids) > self.max_seq_len:
+                raise UserError(f"the prompt is {len(ids)} tokens, more than the model's max_seq_len="
+                                f"{self.max_seq_len}; shorten it")
+            return ids, 0
+        # keep room for an answer, but never more than half the context: a huge max_tokens must not
+        # cost the user the whole conversation
+        reserve = min(self.sampling["max_tokens"], self.max_seq_len // 2)
+        return build_prompt(self.tok, self.history, user_text, system_prompt=self.system_prompt,
+                            max_seq_len=self.max_seq_len, reserve=reserve)
+
+    def respond(self, user_text, write=lambda piece: None):
+        """Answer user_text, passing each decoded piece to write() as it is generated.
+        Returns (answer text, finish reason: 'stop' | 'length' | 'context'). Raises UserError when the
+        message alone does not fit the model's context. A KeyboardInterrupt ends the answer early; what
+        was said so far stays in the history, then the interrupt goes on to the caller."""
+        ids, dropped = self.prompt_ids(user_text)
+        # what no longer fits now never will (the conversation only grows), so it leaves the history
+        self.history = self.history[dropped:]
+        self.last_prompt_ids, self.last_dropped = ids, dropped // 2
+        decoder, pieces = StreamDecoder(self.tok), []
+
+        def emit(t):
+            piece = decoder.feed(t)
+            if piece:
+                pieces.append(piece)
+                write(piece)
+
+        stream = generate_stream(self.model, self.tok, ids, stop_ids=self.stop_ids, generator=self.generator,
+                                 autocast=self.autocast, **self.sampling)
+        try:
+            reason = consume(stream, emit)
+        finally:
+            tail = decoder.flush()
+            if tail:
+                pieces.append(tail)
+                write(tail)
+            if self.chat:
+                self.history += [{"role": "user", "content": user_text},
+                                 {"role": "assistant", "content": "".join(pieces)}]
+        return "".join(pieces), reason
+
+
+def finish_note(reason, session) -> str:
+    """One line for the end of an answer, or "" when it ended normally."""
+    dropped = (f"[left out the {session.last_dropped} oldest exchange(s) to fit max_seq_len={session.max_seq_len}]"
+               if session.last_dropped else "")
+    return "\n".join(filter(None, [dropped, _finish_reason_note(reason, session)]))
+
+
+def _finish_reason_note(reason, session) -> str:
+    if reason == "length":
+        return f"[stopped at max_tokens={session.sampling['max_tokens']}]"
+    if reason == "context":
+        return (f"[the context is full: the model holds max_seq_len={session.max_seq_len} tokens"
+                + ("; older turns are dropped from now on, /clear starts over]" if session.chat else "]"))
+    return ""
+
+
+# -----------------------------------------------------------------------------
+# the two faces: one answer, or a conversation
+
+
+def _writer(stream):
+    def write(piece):
+        stream.write(piece)
+        stream.flush()  # stream token by token, also when stdout is a pipe
+    return write
+
+
+def answer_once(session, text, out=None):
+    out = out or sys.stdout  # looked up now, not at import: tests and callers may have replaced it
+    _, reason = session.respond(text, _writer(out))  # a prompt too long for the model is a UserError
+    out.write("\n")
+    out.flush()
+    if finish_note(reason, session):
+        _say(finish_note(reason, session))
+
+
+def interactive(session, read=input, out=None):
+    """Read messages until /quit or end of input. `read` is input() by default: line editing at a terminal,
+    and it works the same on a pipe (the test drives it that way)."""
+    write = _writer(out or sys.stdout)
+    label = "User: " if session.chat else "Prompt: "
+    while True:
+        try:
+            line = read(label)
+        except EOFError:
+            write("\n")
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return
+        if text == "/clear":
+            session.clear()
+            write("[history cleared]\n")
+            continue
+        if text in ("/help", "/?"):
+            write(f"[{_COMMANDS}]\n")
+            continue
+        started = []
+
+        def write_answer(piece):
+            if not started:  # the label comes with the first piece, so an error is not printed as an answer
+                started.append(True)
+                write("Assistant: " if session.chat else "")
+            write(piece)
+
+        try:
+            # completion keeps the line's own spaces ("The capital of France is "); chat trims them
+            _, reason = session.respond(text if session.chat else line.rstrip("\r\n"), write_answer)
+        except UserError as e:  # a message too long for the model: say so and go on
+            write(f"[{e}]\n")
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
+            write(" [interrupted]\n")
+            continue
+        write_answer("")  # the label even for an empty answer
+        write("\n")
+        note = finish_note(reason, session)
+        if note:
+            write(note + "\n")
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def _short_prompt_flag(argv):
+    """`-p "text"` / `-p=text` -> `--prompt=text`; the configurator only knows --key=value."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "-p":
+            if i + 1 >= len(argv):
+                raise UserError('-p needs the prompt after it, e.g. -p "Why is the sky blue?"')
+            arg, i = "--prompt=" + argv[i + 1], i + 1
+        elif arg.startswith("-p="):
+            arg = "--prompt=" + arg[3:]
+        out.append(arg)
+        i += 1
+    return out
+
+
+def main(argv=None):
+    g = globals()
+    argv = _short_prompt_flag(sys.argv[1:] if argv is None else list(argv))
+    apply_overrides(g, argv)
+    if mode not in ("auto", "chat", "complete"):
+        raise UserError(f"--mode={mode!r} is not one of auto, chat, complete")
+    if any(a == "--prompt" or a.startswith("--prompt=") for a in argv) and not prompt.strip():
+        raise UserError("the prompt is empty; give some text, or leave out -p for an interactive session")
+    sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    repetition_penalty=repetition_penalty)
+    try:
+        check_sampling(**sampling)
+    except ValueError as e:
+        raise UserError(f"--{e}") from None
+    for stream in (sys.stdout, sys.stdin):
+        # a console or pipe in a legacy code page must not crash on a character it cannot show or read
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+
+    dev = common.resolve_device(device)
+    ptdtype, dtype_reason = common.pick_dtype(dev, dtype)
+    autocast, _ = common.make_autocast_and_scaler(dev, ptdtype)
+    model, tok, path, stage = load_for_chat(checkpoint, dev)
+    chat = use_chat_template(stage, mode)
+    generator = torch.Generator(device=dev)
+    if seed >= 0:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()  # fresh entropy: a different answer each run
+    how = "chat" if chat else ("plain completion (--mode=complete)" if mode == "complete" else
+                               "plain completion: a base model knows no chat template (--mode=chat to try it)")
+    _say(f"loaded {path} (stage {stage or 'unknown'}, {model.num_params():,} parameters, max_seq_len "
+         f"{model.config.max_seq_len}, tokenizer {tok.name}) on {dev}, {ptdtype} ({dtype_reason}); {how}")
+    if system_prompt and not chat:
+        _say("note: --system_prompt is ignored in plain completion")
+    session = ChatSession(model, tok, chat=chat, system_prompt=system_prompt if chat else "",
+                          generator=generator, autocast=autocast, **sampling)
+    if prompt:
+        answer_once(session, prompt)
+        return
+    _say(f"[{_COMMANDS}]")
+    interactive(session)
+
+
+if __name__ == "__main__":
+    try:
+        common.run(main)
+    except KeyboardInterrupt:  # Ctrl-C while loading or during a -p answer: no traceback
+        print(file=sys.stderr)
+        sys.exit(130)
