@@ -6,8 +6,6 @@ Looping answers from a small model? Try --repetition_penalty=1.2 and/or --top_p=
 A base checkpoint gets plain text completion (no chat template); --mode=chat|complete overrides the choice.
 The answer goes to stdout; what was loaded and any notes go to stderr, so `-p` output pipes cleanly.
 """
-import codecs
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -18,6 +16,7 @@ import common
 from checkpoint import STAGE_DIRS, load_model
 from common import UserError
 from configurator import apply_overrides
+from engine import StreamDecoder, check_sampling, consume, generate_stream, stop_ids_for
 
 # ---- config (module globals; override with --key=value; -h lists them) ---------------------------------------
 checkpoint = ""               # a ckpt_*.pt, a run folder, or a stage name (base|mid|sft|dolly); "" = newest sft
@@ -36,7 +35,6 @@ seed = 42                     # sampling seed, so an answer can be reproduced; -
 
 # `checkpoint = ""` tries these in order: a finetuned chat model first, then the earlier stages
 DEFAULT_STAGES = ("sft", "dolly", "mid", "base")
-CHAT_STOPS = ("<|assistant_end|>", "<|bos|>", "<|user_start|>")  # end of turn; a new document or a made-up user turn
 _COMMANDS = "/clear starts a new conversation, /quit (or Ctrl-D) leaves"
 
 
@@ -119,155 +117,6 @@ def use_chat_template(stage, mode: str) -> bool:
     if mode == "complete":
         return False
     return stage != "base"
-
-
-# -----------------------------------------------------------------------------
-# sampling: one token from the logits of the last position
-
-
-def apply_repetition_penalty(logits, seen, penalty):
-    """CTRL (Keskar et al. 2019), as in Hugging Face's RepetitionPenaltyLogitsProcessor: the logit of every
-    token already in the context is divided by `penalty` when positive and multiplied when negative, so
-    its probability drops either way. logits (B, V), seen (V,) bool."""
-    if penalty == 1.0:
-        return logits
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)  # seen (V,) broadcasts over the rows
-
-
-def top_p_filter(logits, top_p):
-    """Nucleus filtering: keep the smallest set of most likely tokens whose probability reaches top_p
-    (the most likely token always stays); the others get -inf. logits (B, V) -> (B, V)."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    # a token goes when the tokens ranked above it already reach top_p
-    drop = (probs.cumsum(dim=-1) - probs) >= top_p
-    drop[:, 0] = False
-    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-
-
-def sample_token(logits, *, temperature, top_k=0, top_p=1.0, generator=None):
-    """One id per row of logits (B, V) -> (B, 1), after the penalty. Order as in HF's samplers:
-    temperature, then top-k, then top-p. temperature 0 is greedy (top-k/top-p change nothing then)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th stay in
-    logits = top_p_filter(logits, top_p)
-    # a caller-owned generator: reproducible answers without touching the global RNG
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
-
-
-def check_sampling(*, max_tokens, temperature, top_k, top_p, repetition_penalty):
-    """ValueError naming the bad setting and its allowed range."""
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens={max_tokens} must be >= 1")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-    if top_k < 0:
-        raise ValueError(f"top_k={top_k} must be >= 0 (0 = off)")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = off)")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0 (1 = off; 1.1 to 1.3 against loops)")
-
-
-# -----------------------------------------------------------------------------
-# generation: prefill once, then one token per step through the KV cache
-
-
-def stop_ids_for(tok, chat: bool) -> set:
-    """Tokens that end an answer: the end of the assistant turn in chat; in completion a new document
-    (bos, which is GPT-2's <|endoftext|>)."""
-    if chat:
-        return {tok.special_id(name) for name in CHAT_STOPS}
-    return {tok.bos_id}
-
-
-@torch.no_grad()
-def _last_logits(model, x, cache, autocast):
-    # only the last position's logits: a 2048-token prefill through model(x) would build a (2048, 50304)
-    # float32 tensor (400 MB) for one row we use. model.generate() takes the same route through _hidden.
-    with autocast:
-        h = model._hidden(x, cache)
-        return model.lm_head(h[:, -1]).float()
-
-
-def generate_stream(model, tok, ids, *, max_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
-                    stop_ids=(), generator=None, autocast=None):
-    """Yield the ids of an answer to the prompt `ids` (a list of ints) one at a time, as they are sampled.
-
-    The prompt runs through the model once (prefill into a KV cache); each later step feeds only the
-    token just sampled. A stop token ends the answer and is not yielded. The generator's return value
-    (StopIteration.value; see `consume`) says why it ended: 'stop' (a stop token), 'length' (max_tokens)
-    or 'context' (the model's max_seq_len is full: no position is left to feed another token). Padding ids
-    of the vocabulary (>= tok.n_tokens) are never sampled. The repetition penalty covers the prompt and the
-    answer, except the stop tokens: penalising <|assistant_end|> because earlier turns ended with it would
-    make answers run on, the very thing the penalty is meant to cure.
-    """
-    check_sampling(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   repetition_penalty=repetition_penalty)
-    from model import KVCache
-    limit = model.config.max_seq_len
-    if not 0 < len(ids) <= limit:
-        raise ValueError(f"the prompt is {len(ids)} tokens; the model takes 1 to max_seq_len={limit}")
-    autocast = autocast if autocast is not None else contextlib.nullcontext()
-    dev = model.lm_head.weight.device
-    stop_ids = set(stop_ids)
-    # positions fed to the model: the prompt, then every answer token but the last
-    cache = KVCache(model.config.depth, min(limit, len(ids) + max_tokens - 1))
-    seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=dev)
-    seen[torch.tensor(ids, device=dev)] = True
-    seen[torch.tensor(sorted(stop_ids), dtype=torch.long, device=dev)] = False  # a stop ends the loop: never re-added
-    x = torch.tensor([ids], dtype=torch.long, device=dev)
-    n = 0
-    while True:
-        logits = _last_logits(model, x, cache, autocast)
-        logits[:, tok.n_tokens:] = float("-inf")  # padding rows of the embedding: never trained, never text
-        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        token = sample_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        t = token.item()
-        if t in stop_ids:
-            return "stop"
-        yield t
-        n += 1
-        if n >= max_tokens:
-            return "length"
-        if cache.pos >= limit:
-            return "context"
-        seen[t] = True
-        x = token.view(1, 1)
-
-
-def consume(stream, on_token) -> str:
-    """Drive a generate_stream, calling on_token(id) for each id; returns the finish reason."""
-    while True:
-        try:
-            on_token(next(stream))
-        except StopIteration as e:
-            return e.value
-
-
-class StreamDecoder:
-    """Token ids -> text, piece by piece. A byte-level token may hold part of a UTF-8 character (a Chinese
-    character is 3 bytes, often split over 2-3 tokens); the incremental decoder keeps such a partial
-    character until its last byte arrives, so a stream never shows U+FFFD for it. Only bytes that can
-    never become valid UTF-8 turn into U+FFFD (the same text tok.decode() gives for the whole answer)."""
-
-    def __init__(self, tok):
-        self.tok = tok
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def feed(self, token_id: int) -> str:
-        return self._decoder.decode(self.tok.decode_bytes([token_id]))
-
-    def flush(self) -> str:
-        """What is left at the end: an incomplete character decodes to U+FFFD here (the answer was cut)."""
-        return self._decoder.decode(b"", final=True)
 
 
 # -----------------------------------------------------------------------------

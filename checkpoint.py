@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import base_dir, barrier, print0
+from common import base_dir, barrier
 from configurator import UserError
 
 # stage name -> folder under $NANOCHAT_BASE_DIR, as the T4 guide documents them

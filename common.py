@@ -106,7 +106,7 @@ def resolve_device(device: str) -> torch.device:
         raise UserError(f"--device={device} but torch sees no CUDA GPU (torch {torch.__version__}, "
                         f"CUDA build: {torch.version.cuda or 'no'}); use --device=cpu or install a CUDA build")
     if d.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device=mps but MPS is not available here; use --device=cpu")
+        raise UserError("--device=mps but MPS is not available here; use --device=cpu")
     return d
 
 
@@ -257,6 +257,23 @@ def resolve_batch(*, total_batch_size, grad_accum_steps, device_batch_size, max_
             f"would not be a whole number ({total_batch_size}/{per_micro} = {total_batch_size / per_micro:.3f}). "
             f"Use --total_batch_size={' or '.join(str(n) for n in near)}, or change device_batch_size/max_seq_len.")
     return total_batch_size, total_batch_size // per_micro
+
+
+def resolve_examples(*, target_examples_per_step, device_batch_size, world_size):
+    """SFT's batch: target_examples_per_step conversations per optimizer step over all ranks; returns the
+    gradient accumulation. Checked before any process group, like resolve_batch."""
+    per_micro = device_batch_size * world_size
+    if device_batch_size < 1 or target_examples_per_step < 1:
+        raise UserError(f"device_batch_size={device_batch_size} and target_examples_per_step="
+                        f"{target_examples_per_step} must be >= 1")
+    if target_examples_per_step % per_micro:
+        lo = max(per_micro, target_examples_per_step // per_micro * per_micro)
+        raise UserError(
+            f"target_examples_per_step={target_examples_per_step} is not a multiple of device_batch_size*world_size"
+            f" = {device_batch_size}*{world_size} = {per_micro}, so gradient accumulation would not be a whole "
+            f"number. Use --target_examples_per_step={' or '.join(str(n) for n in sorted({lo, lo + per_micro}))}, "
+            f"or change device_batch_size.")
+    return target_examples_per_step // per_micro
 
 
 # -----------------------------------------------------------------------------

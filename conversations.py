@@ -827,3 +827,16 @@ class Mixture:
         lines = [r.summary() for r in self.reports]
         lines.append(f"mixture: {len(self.train):,} training examples, {len(self.val):,} validation, seed {self.seed}")
         return "\n".join(lines)
+
+
+def eval_items(n_per_task=20, seed=0, gsm8k_path=""):
+    """The held-out generative evaluation of the chat stages: (task, messages) pairs, the built-in tasks'
+    val items always, plus the first n_per_task GSM8K test problems when that file is present."""
+    items = [(t, conv) for t in BUILTIN_TASKS for conv in builtin_examples(t, n_per_task, seed, "val")]
+    path = Path(gsm8k_path) if gsm8k_path else _default_base_dir() / "data" / "gsm8k_test.jsonl"
+    if path.is_file():
+        recs, _ = read_records(path, "gsm8k")
+        items += [("gsm8k", recs.record(i).messages) for i in range(min(n_per_task, len(recs)))]
+    elif gsm8k_path:
+        raise UserError(f"gsm8k_test={gsm8k_path}: no such file; point it at gsm8k test.jsonl or leave it empty")
+    return items

@@ -169,6 +169,37 @@ class Stage:
             out["val_bpb"] = (sums[0] / (math.log(2) * sums[2].clamp(min=1))).item()
         return out
 
+    @torch.no_grad()
+    def task_accuracy(self, model, items, max_new_tokens=64):
+        """Exact-match accuracy of greedy answers: items are (task, messages) whose last message is the
+        reference answer. Every rank answers a share; the counts are summed over ranks. Returns
+        {'acc_<task>': ..., 'acc': overall}."""
+        from conversations import check_answer
+        from engine import consume, generate_stream, stop_ids_for
+        from tokenizer import render_for_completion
+        tasks = sorted({t for t, _ in items})
+        counts = torch.zeros(len(tasks), 2, dtype=torch.float64, device=self.device)  # correct, total
+        was_training = model.training
+        model.eval()
+        limit = model.config.max_seq_len
+        for i in range(self.rank, len(items), self.world_size):
+            task, messages = items[i]
+            try:
+                ids = render_for_completion(self.tok, messages[:-1], max_seq_len=limit - max_new_tokens)
+            except UserError:
+                continue  # a prompt too long for the model: not answerable, not counted
+            out = []
+            consume(generate_stream(model, self.tok, ids, max_tokens=max_new_tokens, temperature=0.0,
+                                    stop_ids=stop_ids_for(self.tok, True), autocast=self.autocast), out.append)
+            k = tasks.index(task)
+            counts[k, 0] += float(check_answer(task, messages, self.tok.decode(out)))
+            counts[k, 1] += 1
+        common.all_reduce(counts)
+        model.train(was_training)
+        out = {f"acc_{t}": (counts[k, 0] / counts[k, 1].clamp(min=1)).item() for k, t in enumerate(tasks)}
+        out["acc"] = (counts[:, 0].sum() / counts[:, 1].sum().clamp(min=1)).item()
+        return out
+
     # ---- the loop ----
     def fit(self, model, train_loader, *, accum, steps, warmup, peak_lr, final_lr, evaluate, sample=None,
             header=None):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import chat
+import engine
 from checkpoint import STAGE_DIRS, CheckpointManager
 from common import UserError
 from conftest import REPO
@@ -66,7 +67,7 @@ def greedy_reference(model, ids, n):
 def stream(model, ids, **kw):
     kw = {"max_tokens": 20, "temperature": 0.0, "stop_ids": (), **kw}
     out = []
-    reason = chat.consume(chat.generate_stream(model, TOK, ids, **kw), out.append)
+    reason = engine.consume(engine.generate_stream(model, TOK, ids, **kw), out.append)
     return out, reason
 
 
@@ -102,10 +103,10 @@ def test_repetition_penalty_lowers_the_probability_of_repeated_tokens():
     logits = torch.tensor([[2.0, -1.0, 1.0, 0.5]])
     seen = torch.tensor([True, True, False, False])
     before = logits.softmax(-1)[0]
-    after = chat.apply_repetition_penalty(logits, seen, 1.5).softmax(-1)[0]
+    after = engine.apply_repetition_penalty(logits, seen, 1.5).softmax(-1)[0]
     assert after[0] < before[0] and after[1] < before[1]   # positive and negative logits both lose
     assert after[2] > before[2] and after[3] > before[3]
-    assert torch.equal(chat.apply_repetition_penalty(logits, seen, 1.0), logits)
+    assert torch.equal(engine.apply_repetition_penalty(logits, seen, 1.0), logits)
     # in generation: a strong penalty never picks the same token twice while unseen ones score higher
     model = tiny_model()
     ids = [TOK.bos_id] + TOK.encode("ab")
@@ -133,7 +134,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = probs.log()
 
     def kept(p):
-        return set(torch.isfinite(chat.top_p_filter(logits, p))[0].nonzero().flatten().tolist())
+        return set(torch.isfinite(engine.top_p_filter(logits, p))[0].nonzero().flatten().tolist())
 
     assert kept(0.4) == {1}              # the top token alone reaches 0.4
     assert kept(0.75) == {1, 3}          # 0.5 + 0.3
@@ -141,7 +142,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert kept(0.99) == {0, 1, 2, 3}
     assert kept(1.0) == {0, 1, 2, 3}
     gen = torch.Generator().manual_seed(0)
-    draws = {chat.sample_token(logits, temperature=1.0, top_p=0.75, generator=gen).item() for _ in range(200)}
+    draws = {engine.sample_token(logits, temperature=1.0, top_p=0.75, generator=gen).item() for _ in range(200)}
     assert draws == {1, 3}
 
 
@@ -160,7 +161,7 @@ def test_incremental_decoding_of_a_chinese_string_split_into_single_bytes():
     text = "中国的首都是北京。"
     ids = TOK.encode(text)  # byte tokenizer: every byte its own token, so each character spans 3 tokens
     assert "\ufffd" in TOK.decode(ids[:1])  # what naive per-token decoding would show
-    dec = chat.StreamDecoder(TOK)
+    dec = engine.StreamDecoder(TOK)
     pieces = [dec.feed(t) for t in ids] + [dec.flush()]
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
