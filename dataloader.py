@@ -679,7 +679,7 @@ class ConversationBatchLoader:
                 x[i, :len(row[0])] = torch.from_numpy(row[0])
                 y[i, :len(row[1])] = torch.from_numpy(row[1])
         epoch, self.position = divmod(end, n)
-        if epoch > self.epoch and self.rank == 0:
+        if epoch > self.epoch and self.rank == 0 and self.wrap:  # a validation pass (wrap=False) just ends
             print(f"dataloader: {self.split} conversations: epoch {epoch + 1} begins (loader.epoch={epoch})",
                   flush=True)
         self.epoch = epoch
