@@ -462,7 +462,7 @@ class RunLogger:
                 self.print(f"warning: wandb disabled ({type(e).__name__}: {e}); set WANDB_MODE=offline to log locally")
 
     def _drop_metrics_from(self, step):
-        """A resumed run redoes the steps after its checkpoint; drop the killed run's records for them so the
+        """A resumed run redoes the steps from its checkpoint on; drop the killed run's records for them so the
         metrics file (and its plots) has one record per step."""
         if not self.metrics_path.exists():
             return
@@ -470,7 +470,9 @@ class RunLogger:
         with open(self.metrics_path, encoding="utf-8") as f:
             for line in f:
                 try:
-                    if json.loads(line).get("step", -1) < step:
+                    rec = json.loads(line)
+                    # evals at the resume step itself ran before its checkpoint was saved: they stay
+                    if rec.get("step", -1) < step or (rec.get("kind") == "eval" and rec.get("step") == step):
                         keep.append(line)
                 except json.JSONDecodeError:
                     pass  # a line cut by a kill

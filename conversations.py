@@ -25,7 +25,6 @@ A .json array is parsed whole by json.load, so the raw text and the parsed rows 
 demo files; convert a big one to JSONL.
 """
 import json
-import os
 import random
 import re
 import sys

@@ -268,7 +268,10 @@ class Stage:
             ckpt_now = step > start_step and (last or stop or (interval > 0 and step % interval == 0))
             val = None
             # with keep_best_n every checkpoint needs a score, so it is evaluated too
-            if (c["eval_every"] > 0 and step % c["eval_every"] == 0) or last or (keep_best > 0 and ckpt_now):
+            # a resumed run does not redo the eval of its first step: the run that saved the checkpoint did it
+            # (and its record is kept in metrics.jsonl), before saving
+            redo = step > start_step or start_step == 0
+            if redo and ((c["eval_every"] > 0 and step % c["eval_every"] == 0) or last or (keep_best > 0 and ckpt_now)):
                 val = evaluate(raw_model, step)
                 logger.print(f"step {step} | " + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in val.items()))
                 logger.record("eval", step, val)
