@@ -77,3 +77,74 @@ def read_metrics(run_dir, kind="train"):
             if r["kind"] == kind:
                 out[r["step"]] = r
     return out
+
+
+# ---- the tiny chat pipeline: base -> mid -> SFT in one private $NANOCHAT_BASE_DIR -----------------------------
+# Built once per session (~25 s on 2 cores). No stage after base is told where to start: mid finds the newest
+# base run and SFT the newest mid run, as a user's pipeline does. Treat the folder as read-only: a test that
+# trains further writes to its own --out_dir, or works on copy_pipeline(); chat.py and later stages (Dolly)
+# find the SFT run here by default. Sequences are 128 tokens in every stage (bytes: a built-in task's
+# conversation fits, and the eval prompts leave room for 64 answer tokens).
+
+PIPELINE_SEQ_LEN = 128
+PIPELINE_BASE = ["--tokenizer=bytes", "--depth=2", "--n_embd=64", f"--max_seq_len={PIPELINE_SEQ_LEN}",
+                 "--device_batch_size=4", "--total_batch_size=1024", "--max_steps=20", "--eval_every=10",
+                 "--eval_tokens=1024", "--checkpoint_interval=-1", "--sample_every=-1", "--device=cpu",
+                 "--compile=False"]
+PIPELINE_MID = [f"--max_seq_len={PIPELINE_SEQ_LEN}", "--device_batch_size=4", "--total_batch_size=1024",
+                "--max_steps=10", "--eval_every=5", "--eval_tokens=1024", "--eval_examples_per_task=2",
+                "--device=cpu", "--compile=False"]
+# SFT: 2 conversations a micro-step, 4 a step (accumulation 2 on one process, 1 on two); a checkpoint every
+# 5 steps, so the resume tests can kill it in the middle and compare against this very run
+PIPELINE_SFT = [f"--max_seq_len={PIPELINE_SEQ_LEN}", "--device_batch_size=2", "--target_examples_per_step=4",
+                "--max_steps=40", "--eval_every=20", "--checkpoint_interval=5", "--eval_examples_per_task=2",
+                "--device=cpu", "--compile=False"]
+
+
+class Pipeline:
+    """What tiny_pipeline built: base_dir, env (NANOCHAT_BASE_DIR set, for run_script's env=), runs
+    {stage: run folder}, stdout {stage: the run's output}."""
+
+    def __init__(self, base_dir, env, runs, stdout):
+        self.base_dir, self.env, self.runs, self.stdout = base_dir, env, runs, stdout
+
+    def latest(self, stage):
+        """The final checkpoint file of a stage's run."""
+        run = self.runs[stage]
+        return run / (run / "LATEST").read_text(encoding="utf-8").strip()
+
+
+def pipeline_env(base_dir):
+    return {"NANOCHAT_BASE_DIR": str(base_dir)}
+
+
+def run_pipeline(corpus, base_dir, base_args=(), mid_args=(), sft_args=()):
+    """base -> mid -> SFT under base_dir; extra args go after the pipeline's own (the last of a key wins)."""
+    from checkpoint import STAGE_DIRS
+    env = pipeline_env(base_dir)
+    stdout = {"base": run_script("train_base.py", *PIPELINE_BASE, f"--data_root={corpus}", *base_args, env=env).stdout,
+              "mid": run_script("train_mid.py", *PIPELINE_MID, *mid_args, env=env).stdout,
+              "sft": run_script("train_sft.py", *PIPELINE_SFT, *sft_args, env=env).stdout}
+    runs = {stage: base_dir / STAGE_DIRS[stage] / "d2" for stage in stdout}
+    return Pipeline(base_dir, env, runs, stdout)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_corpus, tmp_path_factory):
+    """The shared tiny chat pipeline (built-in tasks): see the comment above PIPELINE_SEQ_LEN."""
+    base_dir = tmp_path_factory.mktemp("pipeline") / "nanochat"
+    base_dir.mkdir()
+    return run_pipeline(tiny_corpus, base_dir)
+
+
+def copy_pipeline(pipeline, dest, stages=("base", "mid", "sft")):
+    """A private copy of some of the pipeline's stages under dest (a new $NANOCHAT_BASE_DIR), for a test that
+    adds runs of its own: the shared folder stays as every other test expects it. Returns a Pipeline."""
+    import shutil
+    dest.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    for stage in stages:
+        src = pipeline.runs[stage]
+        runs[stage] = dest / src.relative_to(pipeline.base_dir)
+        shutil.copytree(src, runs[stage])
+    return Pipeline(dest, pipeline_env(dest), runs, {s: pipeline.stdout[s] for s in stages})
