@@ -1,0 +1,25 @@
+"""bench.py --smoke: every figure is present in the JSON line. Timings are printed, never asserted."""
+import json
+import subprocess
+import sys
+
+from conftest import REPO, needs_shared
+
+
+@needs_shared
+def test_smoke_prints_every_figure():
+    out = subprocess.run([sys.executable, "bench.py", "--smoke"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    for side in ("t4chat_adamw", "nanogpt_adamw", "t4chat_muon"):
+        for key in ("tok_per_s", "achieved_flops", "cpu_mfu", "matmul_flops", "opt_ms", "peak_rss_mb"):
+            assert key in res[side], (side, key)
+    for key in ("throughput_ratio", "throughput_ratio_best", "memory_ratio", "gpu"):
+        assert key in res, key
+    assert {"muon", "adamw", "muon_extra_share"} <= set(res["optim"])
+    assert {"growth_mb", "slope_mb_per_100_steps"} <= set(res["growth"])
+    for loader in ("loader", "loader_10x"):
+        assert {"tok_per_s", "rss_growth_mb"} <= set(res[loader])
+    assert res["loader_10x"]["shards"] == 10 * res["loader"]["shards"]
+    assert "compile" in res
