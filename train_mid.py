@@ -104,7 +104,9 @@ def main():
     args = dict(device_batch_size=device_batch_size, max_seq_len=max_seq_len, rank=st.rank, world_size=st.world_size,
                 device=dev, seed=seed, max_rounds=max_rounds)
     train_loader = dataloader.ConversationPackLoader(mix.train, tok, split="train", **args)
-    val_loader = dataloader.ConversationPackLoader(mix.val, tok, split="val", shuffle=False, **args)
+    # shuffled (seeded, so every eval reads the same windows): mix.val is in source order, and eval_tokens
+    # may cover only a prefix of it
+    val_loader = dataloader.ConversationPackLoader(mix.val, tok, split="val", **args)
     n_eval = (eval_tokens if eval_tokens > 0 else min(10 * total, 524288)) // (device_batch_size * max_seq_len *
                                                                                  st.world_size)
 

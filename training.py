@@ -196,7 +196,8 @@ class Stage:
             counts[k, 1] += 1
         common.all_reduce(counts)
         model.train(was_training)
-        out = {f"acc_{t}": (counts[k, 0] / counts[k, 1].clamp(min=1)).item() for k, t in enumerate(tasks)}
+        # a task none of whose prompts fit in max_seq_len is left out rather than reported as 0 %
+        out = {f"acc_{t}": (counts[k, 0] / counts[k, 1]).item() for k, t in enumerate(tasks) if counts[k, 1] > 0}
         out["acc"] = (counts[:, 0].sum() / counts[:, 1].sum().clamp(min=1)).item()
         return out
 
