@@ -148,3 +148,32 @@ def copy_pipeline(pipeline, dest, stages=("base", "mid", "sft")):
         runs[stage] = dest / src.relative_to(pipeline.base_dir)
         shutil.copytree(src, runs[stage])
     return Pipeline(dest, pipeline_env(dest), runs, {s: pipeline.stdout[s] for s in stages})
+
+
+# ---- killing a run mid-way (the resume tests of every stage) ---------------------------------------------------
+
+def start_script(script, *args, env=None):
+    """A stage script in the background (stdout and stderr together), to be killed mid-run."""
+    import subprocess
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def latest_step(run_dir):
+    """The step LATEST names, -1 when there is none yet."""
+    f = Path(run_dir) / "LATEST"
+    return int(f.read_text(encoding="utf-8").strip()[5:11]) if f.exists() else -1
+
+
+def wait_for_checkpoint(proc, run_dir, min_step, timeout=120):
+    """Poll until a complete checkpoint at >= min_step exists, while the run is still going."""
+    import time
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        step = latest_step(run_dir)
+        if step >= min_step:
+            return step
+        assert proc.poll() is None, f"run ended before a checkpoint at {min_step}:\n{proc.stdout.read()}"
+        time.sleep(0.005)
+    raise AssertionError("no checkpoint appeared")

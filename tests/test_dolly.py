@@ -6,13 +6,12 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import pytest
 import torch
 
-from conftest import REPO, SHARED, TINY, needs_shared, read_metrics, run_script
+from conftest import REPO, SHARED, TINY, latest_step, needs_shared, read_metrics, run_script, start_script, wait_for_checkpoint
 
 # ---- a tiny base checkpoint and a synthetic Dolly file: the fixtures every run below starts from ----
 
@@ -130,32 +129,17 @@ def test_retention_keeps_last_permanent_best_and_final(retention_run):
     assert gen_metrics["n/all"] == 4 and gen_metrics["n/a"] == 2 and "rougeL/b" in gen_metrics
 
 
-def _start(args):
-    e = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(REPO / "finetune_dolly.py"), *map(str, args)], cwd=REPO, env=e,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _latest_step(run_dir):
-    f = run_dir / "LATEST"
-    return int(f.read_text(encoding="utf-8").strip()[5:11]) if f.exists() else -1
-
-
 @pytest.mark.slow
 def test_sigkill_then_auto_resume_is_bitwise_identical(tiny_base, memo_file, tmp_path, retention_run):
     reference, _ = retention_run
     out = tmp_path / "run"
     args = _args(tiny_base, memo_file, out, *RETENTION)
-    proc = _start(args)
-    t0 = time.time()
-    while _latest_step(out) < 10:
-        assert proc.poll() is None, f"run ended before a checkpoint at 10:\n{proc.stdout.read()}"
-        assert time.time() - t0 < 120, "no checkpoint appeared"
-        time.sleep(0.005)
+    proc = start_script("finetune_dolly.py", *args)
+    wait_for_checkpoint(proc, out, 10)
     proc.kill()  # SIGKILL: no handler runs, exactly like a power cut or the OOM killer
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert _latest_step(out) < 30, "the run finished before the kill; the test proves nothing"
+    assert latest_step(out) < 30, "the run finished before the kill; the test proves nothing"
     p = run_script("finetune_dolly.py", *args, "--auto_resume=True")
     assert "(resume, step " in p.stdout
     ca = torch.load(reference / "ckpt_000030.pt", map_location="cpu", weights_only=True)

@@ -9,12 +9,11 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import (PIPELINE_MID, PIPELINE_SEQ_LEN, PIPELINE_SFT, REPO, SHARED, copy_pipeline, needs_shared,
+from conftest import (start_script, wait_for_checkpoint, PIPELINE_MID, PIPELINE_SEQ_LEN, PIPELINE_SFT, REPO, SHARED, copy_pipeline, needs_shared,
                       read_metrics, run_script)
 
 
@@ -96,21 +95,6 @@ def test_pipeline_on_the_shared_data_files(tiny_pipeline, tmp_path):
 
 # ---- 2. SFT: SIGKILL, then --auto_resume=True, ends bitwise-identical to the uninterrupted run -------------------
 
-def _start_sft(args, env):
-    e = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **env}
-    return subprocess.Popen([sys.executable, str(REPO / "train_sft.py"), *map(str, args)], cwd=REPO, env=e,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_for_checkpoint(proc, run_dir, min_step, timeout=120):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        latest = run_dir / "LATEST"
-        if latest.exists() and int(latest.read_text(encoding="utf-8").strip()[5:11]) >= min_step:
-            return
-        assert proc.poll() is None, f"run ended before a checkpoint at {min_step}:\n{proc.stdout.read()}"
-        time.sleep(0.005)
-    raise AssertionError("no checkpoint appeared")
 
 
 def _assert_same_run(a, b, steps):
@@ -129,8 +113,8 @@ def test_sft_sigkill_then_auto_resume_is_bitwise_identical(tiny_pipeline, tmp_pa
     # the reference is the pipeline's own SFT run: same flags, same mid checkpoint (found the same way)
     out = tmp_path / "run"
     args = [*PIPELINE_SFT, f"--out_dir={out}"]
-    proc = _start_sft(args, tiny_pipeline.env)
-    _wait_for_checkpoint(proc, out, 10)
+    proc = start_script("train_sft.py", *args, env=tiny_pipeline.env)
+    wait_for_checkpoint(proc, out, 10)
     proc.kill()  # SIGKILL: no handler runs, exactly like a power cut or the OOM killer
     proc.wait()
     assert proc.returncode == -signal.SIGKILL

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, SHARED, TINY, needs_shared, read_metrics, run_script
+from conftest import REPO, SHARED, TINY, needs_shared, read_metrics, run_script, start_script, wait_for_checkpoint
 
 
 def _args(corpus, out, *extra, steps=12):
@@ -31,26 +31,6 @@ def _assert_same_run(a, b, steps):
     la, lb = read_metrics(a), read_metrics(b)
     assert sorted(la) == sorted(lb) == list(range(steps))
     assert [la[s]["loss"] for s in la] == [lb[s]["loss"] for s in la]  # identical logged losses
-
-
-def _start(args, env=None):
-    e = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, str(REPO / "train_base.py"), *map(str, args)], cwd=REPO, env=e,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_for_checkpoint(proc, run_dir, min_step, timeout=120):
-    """Poll until a complete checkpoint at >= min_step exists, while the run is still going."""
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        latest = run_dir / "LATEST"
-        if latest.exists():
-            step = int(latest.read_text(encoding="utf-8").strip()[5:11])
-            if step >= min_step:
-                return step
-        assert proc.poll() is None, f"run ended before a checkpoint at {min_step}:\n{proc.stdout.read()}"
-        time.sleep(0.01)
-    raise AssertionError("no checkpoint appeared")
 
 
 def test_smoke_loss_falls_val_bpb_and_checkpoint(tiny_corpus, tmp_path):
@@ -85,8 +65,8 @@ def reference_runs(tiny_corpus, tmp_path_factory):
 def test_sigkill_then_auto_resume_is_bitwise_identical(dt, tiny_corpus, tmp_path, reference_runs):
     out = tmp_path / "run"
     args = _args(tiny_corpus, out, f"--dtype={dt}", "--total_batch_size=2048", "--checkpoint_interval=5", steps=40)
-    proc = _start(args)
-    _wait_for_checkpoint(proc, out, 10)
+    proc = start_script("train_base.py", *args)
+    wait_for_checkpoint(proc, out, 10)
     proc.kill()  # SIGKILL: no handler runs, exactly like a power cut or the OOM killer
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -100,8 +80,8 @@ def test_sigkill_then_auto_resume_is_bitwise_identical(dt, tiny_corpus, tmp_path
 def test_sigterm_saves_at_step_boundary_and_resumes_exactly(tiny_corpus, tmp_path, reference_runs):
     out = tmp_path / "run"
     args = _args(tiny_corpus, out, "--dtype=float32", "--total_batch_size=2048", "--checkpoint_interval=5", steps=40)
-    proc = _start(args)
-    _wait_for_checkpoint(proc, out, 5)
+    proc = start_script("train_base.py", *args)
+    wait_for_checkpoint(proc, out, 5)
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, stdout
