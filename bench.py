@@ -486,7 +486,9 @@ def run_speed(args):
     optim = run_worker(dict(base, worker="optim", steps=2 if smoke else args.optim_steps, warmup=1), smoke)
     growth_steps = 5 if smoke else args.growth_steps
     log(f"[{time.perf_counter() - t_start:5.0f}s] memory growth over {growth_steps} steps")
-    growth = run_worker(dict(base, worker="growth", steps=growth_steps,
+    # memory, not speed: one thread keeps this run from stalling on a shared machine (two threads that
+    # wait for each other behind other jobs made its 200 steps 5-10x slower here)
+    growth = run_worker(dict(base, worker="growth", threads=1, steps=growth_steps,
                              warmup=2 if smoke else 10,
                              device_batch_size=args.device_batch_size if smoke else args.growth_batch), smoke)
     loader_spec = dict(base, worker="loader", threads=1, tokenizer_threads=1,
