@@ -9,6 +9,7 @@ Other jobs share this machine, so every figure is the median of several steps af
 run alternately in fresh processes, and every ratio compares figures taken in the same run.
 """
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -305,6 +306,9 @@ def work_loader(spec):
 
 def work_compile(spec):
     """Eager vs torch.compile steps of t4chat (AdamW) in one process, and the one-time compile cost."""
+    # inductor caches compiled kernels across processes (/tmp/torchinductor_<user>); a fresh cache makes
+    # the cost the one a user pays on first use, not what is left after an earlier benchmark run
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="t4chat_bench_inductor_")
     torch, dev, sync = setup_torch(spec)
     model, _ = build_model(torch, spec, "t4chat", dev)
     opt = make_optimizer(model, "t4chat", "adamw", dev)
@@ -530,9 +534,6 @@ def run_speed(args):
         "t4chat_adamw": t4, "nanogpt_adamw": nano, "t4chat_muon": t4m,
         "throughput_ratio": t4["tok_per_s"] / nano["tok_per_s"],
         "throughput_ratio_per_round": [round(x, 3) for x in per_round],
-        # neighbours only ever add time, so the fastest step of each side is a second, less noisy estimate
-        "throughput_ratio_best": min(min(r["step_times_ms"]) for r in runs[candidates[1]])
-                                 / min(min(r["step_times_ms"]) for r in runs[candidates[0]]),
         "fwdbwd_ratio": nano["fwdbwd_ms"] / t4["fwdbwd_ms"],
         "memory_ratio": t4["peak_rss_mb"] / nano["peak_rss_mb"],
         "optim": optim, "growth": growth, "loader": loader1, "loader_10x": loader10, "compile": comp,
@@ -571,7 +572,6 @@ def print_speed(res):
          f"{res['throughput_ratio']:.3f}", ">= 1.10", ok(res["throughput_ratio"] >= TARGETS["throughput_ratio"])),
         ("  per round t4chat / baseline", "", "", " ".join(f"{x:.2f}" for x in res["throughput_ratio_per_round"]),
          "", ""),
-        ("  fastest step vs fastest step", "", "", f"{res['throughput_ratio_best']:.3f}", "", ""),
         ("achieved FLOP/s (own count)", fmt_rate(t4["achieved_flops"]), fmt_rate(nano["achieved_flops"]),
          f"{t4['achieved_flops'] / nano['achieved_flops']:.3f}", "", ""),
         ("FLOPs per token", f"{t4['flops_per_token'] / 1e6:.1f}M", f"{nano['flops_per_token'] / 1e6:.1f}M",
@@ -625,10 +625,19 @@ def run_quality(args):
     if args.smoke:
         base.update(steps=3, eval_every=2, eval_batches=1)
     t0 = time.perf_counter()
-    runs = {}
-    for kind, opt in (("t4chat", "default"), ("nanogpt", "adamw")):
-        log(f"[{time.perf_counter() - t0:5.0f}s] quality: {kind} ({opt}), {base['steps']} steps")
-        runs[kind] = run_worker(dict(base, model=kind, optimizer=opt), args.smoke)
+    candidates = (("t4chat", "default"), ("nanogpt", "adamw"))
+    if args.smoke:
+        runs = {kind: run_worker(dict(base, model=kind, optimizer=opt), True) for kind, opt in candidates}
+    else:
+        # losses do not depend on timing, so the two models train side by side, each on its share of the
+        # threads: one-thread processes waste nothing on waits, and the wall time is that of the slower model
+        base["threads"] = max(1, args.threads // len(candidates))
+        log(f"quality: {' and '.join(k for k, _ in candidates)} side by side, {base['steps']} steps each, "
+            f"{base['threads']} thread(s) each")
+        with concurrent.futures.ThreadPoolExecutor(len(candidates)) as pool:
+            futures = {kind: pool.submit(run_worker, dict(base, model=kind, optimizer=opt)) for kind, opt in candidates}
+            runs = {kind: f.result() for kind, f in futures.items()}
+        log(f"[{time.perf_counter() - t0:5.0f}s] quality runs done")
     gap = runs["nanogpt"]["final_val_loss"] - runs["t4chat"]["final_val_loss"]
     res = dict(quality=dict(t4chat=runs["t4chat"], nanogpt=runs["nanogpt"], gap_nats=gap,
                             target_nats=TARGETS["quality_gap_nats"], met=gap >= TARGETS["quality_gap_nats"]),

@@ -15,7 +15,7 @@ def test_smoke_prints_every_figure():
     for side in ("t4chat_adamw", "nanogpt_adamw", "t4chat_muon"):
         for key in ("tok_per_s", "achieved_flops", "cpu_mfu", "matmul_flops", "opt_ms", "peak_rss_mb"):
             assert key in res[side], (side, key)
-    for key in ("throughput_ratio", "throughput_ratio_best", "memory_ratio", "gpu"):
+    for key in ("throughput_ratio", "throughput_ratio_per_round", "memory_ratio", "gpu"):
         assert key in res, key
     assert {"muon", "adamw", "muon_extra_share"} <= set(res["optim"])
     assert {"growth_mb", "slope_mb_per_100_steps"} <= set(res["growth"])
@@ -23,3 +23,19 @@ def test_smoke_prints_every_figure():
         assert {"tok_per_s", "rss_growth_mb"} <= set(res[loader])
     assert res["loader_10x"]["shards"] == 10 * res["loader"]["shards"]
     assert "compile" in res
+
+
+@needs_shared
+def test_quality_smoke_reports_both_curves_and_the_gap():
+    out = subprocess.run([sys.executable, "bench.py", "--quality", "--smoke"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    q = json.loads(out.stdout.strip().splitlines()[-1])["quality"]
+    for kind in ("t4chat", "nanogpt"):
+        steps = [s for s, _ in q[kind]["val_loss"]]
+        assert steps[0] == 0 and steps[-1] == q[kind]["steps"], steps
+        assert len(q[kind]["train_loss"]) == q[kind]["steps"]
+    # the gap is computed from the two curves, not stored: it must be their final difference
+    assert abs(q["gap_nats"] - (q["nanogpt"]["val_loss"][-1][1] - q["t4chat"]["val_loss"][-1][1])) < 1e-3
+    assert q["met"] == (q["gap_nats"] >= q["target_nats"])
+    assert "Muon" in q["t4chat"]["recipe"] or "muon" in q["t4chat"]["recipe"]
