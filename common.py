@@ -88,10 +88,24 @@ def is_master_env():
     return dist_env()[0] == 0
 
 
+# rank-0 messages printed before a RunLogger opened train.log (the stage's warnings and notices about data and
+# checkpoints come first); the logger copies them into train.log, so the log holds everything the console showed
+_early_messages = []
+_log_file = None  # train.log of the open RunLogger
+
+
 def print0(*args, **kwargs):
-    """print on rank 0 only; reads RANK from the environment so it works before DDP init too."""
+    """print on rank 0 only; reads RANK from the environment so it works before DDP init too. Also goes into
+    train.log: at once when a RunLogger is open, else when the next one opens."""
     if is_master_env():
         print(*args, **kwargs, flush=True)
+        if "file" not in kwargs:
+            msg = kwargs.get("sep", " ").join(map(str, args))
+            if _log_file is not None and not _log_file.closed:
+                _log_file.write(msg + "\n")
+                _log_file.flush()
+            elif len(_early_messages) < 1000:  # a process that never opens a log (chat.py) must not grow it
+                _early_messages.append(msg)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -454,6 +468,12 @@ class RunLogger:
         lines += [f"{k}: {v}" for k, v in (header or {}).items()]
         lines += ["config:"] + [f"  {k} = {config[k]!r}" for k in sorted(config)]
         self.print("\n".join(lines))
+        global _log_file
+        if _early_messages:  # already on the console: into the file only
+            self.log_file.write("".join(f"{m}\n" for m in _early_messages))
+            self.log_file.flush()
+            _early_messages.clear()
+        _log_file = self.log_file
         if wandb_log:
             try:
                 import wandb  # lazy: a stage script must start fast and work without wandb
@@ -511,9 +531,13 @@ class RunLogger:
                                     "grad_norm": grad_norm, **mem, **(extra or {})})
 
     def close(self):
+        global _log_file
         for f in (self.log_file, self.metrics_file):
             if f:
                 f.close()
+        if self.master:
+            _log_file = None
+            _early_messages.clear()  # what comes after belongs to the next log, if any
         if self.wandb is not None:
             self.wandb.finish()
 

@@ -164,9 +164,16 @@ class Stage:
             sums += torch.stack([(losses * counted).sum().double(), counted.sum().double(), nbytes.sum().double()])
         common.all_reduce(sums)
         model.train(was_training)
-        out = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item()}
+        if sums[1] == 0:
+            # nothing to average: every validation example lost its trained tokens (an SFT reply cut off by
+            # max_seq_len, say). nan, not 0.0, so it can never pass for a perfect model or become the "best" one
+            print0(f"warning: the {n_batches} validation batch(es) hold no trained token, so there is no val loss "
+                   f"(nan). Raise max_seq_len, or check that the validation data has assistant replies")
+            out = {"val_loss": float("nan")}
+        else:
+            out = {"val_loss": (sums[0] / sums[1]).item()}
         if token_bytes is not None:
-            out["val_bpb"] = (sums[0] / (math.log(2) * sums[2].clamp(min=1))).item()
+            out["val_bpb"] = (sums[0] / (math.log(2) * sums[2])).item() if sums[2] > 0 else float("nan")
         return out
 
     @torch.no_grad()

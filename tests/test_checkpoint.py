@@ -96,6 +96,15 @@ def test_rotation_keeps_last_permanent_best_and_final(tmp_path):
     assert index["best"]["step"] == 15 and index["latest"] == "ckpt_000030.pt"
 
 
+def test_a_nan_val_loss_is_never_best(tmp_path):
+    # eval_loss reports nan when no validation token was scored; the index must not call that the best
+    m = CheckpointManager(tmp_path, keep_last_n=1, keep_best_n=1)
+    for s, v in {5: 2.0, 10: float("nan"), 15: 2.5}.items():
+        m.save(s, _state(s), {"val_loss": v})
+    assert m.best() == [5, 15] and sorted(m.complete()) == [5, 15]
+    assert json.loads((tmp_path / "checkpoints.json").read_text(encoding="utf-8"))["best"]["step"] == 5
+
+
 def test_corrupt_and_missing_checkpoints_are_clear_errors(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a zip")
     with pytest.raises(UserError, match="cannot be read"):

@@ -191,3 +191,55 @@ def test_compile_failure_falls_back_to_eager(capsys):
     assert out is model
     assert "continuing without compile" in capsys.readouterr().out
     assert common.compile_default(torch.device("cpu")) is False
+
+
+# ---- logging: what the console showed is in train.log; a validation set with nothing to score ----
+
+def test_messages_printed_before_the_log_opens_end_up_in_it(tmp_path, capsys):
+    common.print0("warning: printed before the log opened")
+    logger = common.RunLogger(common.Dist(), tmp_path, {"depth": 2}, run_name="t")
+    common.print0("a notice after it opened")
+    logger.print("step 0 | loss 1.0")
+    logger.close()
+    common.print0("after close: not this log's")
+    log = (tmp_path / "train.log").read_text(encoding="utf-8")
+    assert "warning: printed before the log opened" in log and "a notice after it opened" in log
+    assert "after close" not in log
+    assert log.index("depth = 2") < log.index("warning: printed before") < log.index("step 0")
+    out = capsys.readouterr().out
+    assert out.count("warning: printed before the log opened") == 1  # copied into the file, not re-printed
+    # the next log starts clean of the previous one's messages, but gets those printed in between
+    logger2 = common.RunLogger(common.Dist(), tmp_path / "b", {}, run_name="t2")
+    logger2.close()
+    log2 = (tmp_path / "b" / "train.log").read_text(encoding="utf-8")
+    assert "after close: not this log's" in log2 and "printed before the log opened" not in log2
+
+
+def test_eval_loss_is_nan_not_zero_when_no_token_is_trained(capsys):
+    from types import SimpleNamespace
+    from contextlib import nullcontext
+    from model import GPT, GPTConfig
+    from training import Stage
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(depth=1, n_embd=32, n_head=2, vocab_size=64, max_seq_len=8))
+    x = torch.randint(0, 64, (2, 8))
+
+    class Loader:
+        def __init__(self, y):
+            self.y = y
+
+        def reset(self):
+            pass
+
+        def next_batch(self):
+            return x, self.y
+
+    fake = SimpleNamespace(device=torch.device("cpu"), autocast=nullcontext())
+    y = torch.randint(0, 64, (2, 8))
+    y[0, :5] = -1
+    out = Stage.eval_loss(fake, model, Loader(y), 2)
+    with torch.no_grad():
+        assert out["val_loss"] == pytest.approx(model(x, y).item(), rel=1e-5)
+    out = Stage.eval_loss(fake, model, Loader(torch.full((2, 8), -1)), 2, token_bytes=torch.ones(64))
+    assert math.isnan(out["val_loss"]) and math.isnan(out["val_bpb"])
+    assert "hold no trained token" in capsys.readouterr().out

@@ -267,3 +267,7 @@ def test_mid_warns_when_max_seq_len_exceeds_the_base_run(tiny_pipeline, tmp_path
     assert (f"warning: max_seq_len={longer} exceeds the {PIPELINE_SEQ_LEN} tokens {base} was trained with"
             in p.stdout), p.stdout[-3000:]
     assert _ckpt(_latest(tmp_path / "run"))["arch"]["max_seq_len"] == longer  # it trained at the longer length
+    # printed before train.log opened, and still in it: the log keeps everything the console showed
+    log = (tmp_path / "run" / "train.log").read_text(encoding="utf-8")
+    assert f"warning: max_seq_len={longer} exceeds the {PIPELINE_SEQ_LEN} tokens" in log, log[-3000:]
+    assert log.index("==== ") < log.index("warning: max_seq_len=")  # after the header, which opens the log
