@@ -1,6 +1,6 @@
 """bench.py: t4chat's training speed and memory next to a nanoGPT baseline, measured in one run.
 CPU, < 15 min:    python bench.py                # every figure but sample efficiency; a table, then one JSON line
-Quality, ~40 min: python bench.py --quality      # sample efficiency at equal tokens; writes bench/quality.png
+Quality, ~30 min: python bench.py --quality      # sample efficiency at equal tokens; writes bench/quality.png
 Profile:          python bench.py --profile      # torch.profiler top ops of a training step of each model
 Tests:            python bench.py --smoke        # tiny sizes, in one process, a few seconds
 Options: --threads=2 --rounds=3 --depth=4 --n_embd=256 --max_seq_len=256 --device_batch_size=8 --device=cpu
@@ -697,7 +697,7 @@ def run_profile(args):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quality", action="store_true", help="sample efficiency (about 40 min on 2 CPU cores)")
+    p.add_argument("--quality", action="store_true", help="sample efficiency (about 30 min on 2 CPU cores)")
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops of each model's step")
     p.add_argument("--smoke", action="store_true", help="tiny sizes in one process (the test uses this)")
     p.add_argument("--threads", type=int, default=2, help="torch threads per benchmark process (default 2)")
