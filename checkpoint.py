@@ -9,6 +9,7 @@ and resume never trusts a file without its marker.
 """
 import json
 import os
+import time
 import random
 import re
 from pathlib import Path
@@ -115,14 +116,27 @@ class CheckpointManager:
         return dict(sorted(out.items()))
 
     def latest(self):
-        """The checkpoint LATEST names, or failing that (a kill between marker and LATEST) the newest complete one."""
-        f = self.dir / "LATEST"
-        if f.exists():
-            p = self.dir / f.read_text(encoding="utf-8").strip()
-            if p.exists() and p.with_suffix(".json").exists():
-                return p
+        """The newest complete checkpoint. The marker (.json) decides, not LATEST: a kill between the two writes
+        leaves LATEST naming the one before, and that interval's work must not be thrown away. (LATEST is kept
+        up to date for people and scripts; a rollback moves the newer checkpoints aside, see set_aside_after.)"""
         done = self.complete()
         return done[max(done)] if done else None
+
+    def set_aside_after(self, step: int):
+        """A run resumed from `step` while newer checkpoints of the abandoned continuation are still here (a
+        rollback after a divergence): move those into a subfolder, so rotation and auto_resume see only the
+        branch being trained, and nothing is deleted. Returns the folder, or None when there was nothing."""
+        newer = [p for s, p in self.complete().items() if s > step]
+        if not newer or not self.is_master:
+            return None
+        aside = self.dir / f"set_aside_after_{step:06d}_{time.strftime('%Y%m%d_%H%M%S')}"
+        aside.mkdir()
+        for p in newer:  # the data first, then its marker: never a marker here without its data
+            os.replace(p, aside / p.name)
+            os.replace(p.with_suffix(".json"), aside / p.with_suffix(".json").name)
+        _atomic_write_text(self.dir / "LATEST", f"ckpt_{step:06d}.pt\n")
+        self.write_index()
+        return aside
 
     # ---- saving
     def save(self, step: int, state: dict, meta: dict):
@@ -142,7 +156,7 @@ class CheckpointManager:
         barrier()
         if self.is_master:
             _atomic_write_text(self.dir / "LATEST", f"ckpt_{step:06d}.pt\n")
-            self.rotate()
+            self.rotate(keep=step)
             self.write_index()
         barrier()
 
@@ -161,12 +175,13 @@ class CheckpointManager:
                 scored.append((v, s))
         return [s for _, s in sorted(scored)]
 
-    def rotate(self):
+    def rotate(self, keep=None):
+        """`keep`: the step just saved, kept whatever its rank."""
         done = self.complete()
         if not done:
             return
         steps = sorted(done)
-        keep = {steps[-1]} | (self.permanent & set(steps))
+        keep = {steps[-1], keep} | (self.permanent & set(steps))
         keep |= set(steps if self.keep_last_n < 0 else steps[len(steps) - self.keep_last_n:] if self.keep_last_n else [])
         if self.keep_best_n > 0:
             keep |= set(self.best()[:self.keep_best_n])
@@ -213,12 +228,12 @@ def check_arch(ckpt_arch: dict, arch: dict, path, fix: str):
         raise UserError(f"checkpoint {path} has another architecture: {', '.join(diff)}. {fix}")
 
 
-def resolve_checkpoint(spec: str, *, default_stage=None) -> Path:
-    """Where a stage starts from (`pretrained_checkpoint`): a .pt file, a run directory (its LATEST), a stage
+def resolve_checkpoint(spec: str, *, default_stage=None, key="pretrained_checkpoint") -> Path:
+    """Where a stage starts from (`pretrained_checkpoint`): a .pt file, a run directory (its newest), a stage
     directory (its newest run), or a stage name (base, mid, sft, dolly). One function for every script."""
     spec = (spec or default_stage or "").strip()
     if not spec:
-        raise UserError("no checkpoint given; pass --pretrained_checkpoint=<file, run dir or stage name>")
+        raise UserError(f"no checkpoint given; pass --{key}=<file, run dir or stage name>")
     if spec.startswith("hf:"):
         raise UserError(f"{spec}: loading Hugging Face checkpoints is not supported yet")
     if spec in STAGE_DIRS:
@@ -237,7 +252,7 @@ def resolve_checkpoint(spec: str, *, default_stage=None) -> Path:
             return max(runs)[1]
     looked = f"{where}" + (f" (stage '{spec}' under $NANOCHAT_BASE_DIR={base_dir()})" if spec in STAGE_DIRS else "")
     raise UserError(f"no complete checkpoint found at {looked}. Train that stage first, or pass "
-                    f"--pretrained_checkpoint=<a ckpt_*.pt file or a run directory>")
+                    f"--{key}=<a ckpt_*.pt file or a run directory>")
 
 
 def build_from_checkpoint(ckpt: dict, path, max_seq_len=None):

@@ -6,6 +6,7 @@ guard that turns bad input into one clear message. Checkpoints live in checkpoin
 Nothing here reads a stage script's globals: the stages pass values in.
 """
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -136,7 +137,13 @@ def setup_distributed(device: str = "auto") -> Dist:
                             f"lower --nproc_per_node or check CUDA_VISIBLE_DEVICES")
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
-        dist.init_process_group("nccl", device_id=dev)
+        # 30 min, not NCCL's 10: rank 0 may sample or write a checkpoint to a slow disk while the others wait
+        # (the large-dataset guide's NCCL_TIMEOUT=1800); NCCL_TIMEOUT=<seconds> overrides it
+        try:
+            timeout = datetime.timedelta(seconds=int(os.environ.get("NCCL_TIMEOUT", "1800")))
+        except ValueError:
+            raise UserError(f"NCCL_TIMEOUT={os.environ['NCCL_TIMEOUT']!r} must be a number of seconds, e.g. 1800") from None
+        dist.init_process_group("nccl", device_id=dev, timeout=timeout)
     else:
         dist.init_process_group("gloo")
     return Dist(rank=rank, local_rank=local_rank, world_size=world_size, ddp=True, device=dev)
@@ -567,9 +574,9 @@ class StopSignal:
 
 
 OOM_ADVICE = ("CUDA out of memory. Lower the memory per step, in this order (the T4 guide's advice): "
-              "--device_batch_size (e.g. half of it; total_batch_size stays, gradient accumulation grows), "
-              "--gradient_checkpointing=True, --max_seq_len (e.g. 512), --depth (e.g. 8). "
-              "A run with checkpoints resumes with --auto_resume=True.")
+              "--device_batch_size (e.g. half of it; the batch per optimizer step stays, gradient accumulation "
+              "grows), --gradient_checkpointing=True, --max_seq_len (e.g. 512); when pretraining with "
+              "train_base.py, also --depth (e.g. 8). A run with checkpoints resumes with --auto_resume=True.")
 
 
 def run(main):

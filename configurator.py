@@ -42,9 +42,9 @@ ALIASES = {
     "learn_rate": ("max_lr",),
     "lr": ("max_lr",),
     "min_learning_rate": ("min_lr",),
-    "gradient_accumulation_steps": ("grad_accum_steps", "total_batch_size"),
-    "grad_accumulation_steps": ("grad_accum_steps", "total_batch_size"),
-    "accumulation_steps": ("grad_accum_steps", "total_batch_size"),
+    "gradient_accumulation_steps": ("grad_accum_steps", "total_batch_size", "target_examples_per_step"),
+    "grad_accumulation_steps": ("grad_accum_steps", "total_batch_size", "target_examples_per_step"),
+    "accumulation_steps": ("grad_accum_steps", "total_batch_size", "target_examples_per_step"),
     "max_iters": ("max_steps",),
     "num_steps": ("max_steps",),
     "total_steps": ("max_steps",),
@@ -69,8 +69,8 @@ ALIASES = {
     "ckpt_path": ("checkpoint_path",),
     "init_from": ("pretrained_checkpoint",),
     "model_name_or_path": ("pretrained_checkpoint",),
-    "data_path": ("data_root",),
-    "data_dir": ("data_root",),
+    "data_path": ("data_root", "mixture", "dolly_path"),
+    "data_dir": ("data_root", "mixture"),
     "max_grad_norm": ("grad_clip",),
     "fp16": ("dtype",),
     "bf16": ("dtype",),
@@ -82,6 +82,25 @@ ALIAS_NOTES = {
     "total_batch_size": "it counts tokens per optimizer step, and we derive grad accumulation as "
                         "total_batch_size / (device_batch_size * max_seq_len * world_size)",
     "dtype": "precision is one key here, e.g. --dtype=float16 or --dtype=bfloat16",
+    "target_examples_per_step": "it counts conversations per optimizer step over all GPUs = device_batch_size x "
+                                "accumulation x GPUs (device_batch_size=1 with accumulation 64 on one GPU is 64), "
+                                "and the accumulation follows from it",
+    "mixture": "it lists the conversation files, e.g. --mixture=smol-smoltalk-6k.json or a,b:0.5 with weights",
+}
+
+# Keys of the guides' own scripts that t4chat has no use for: what to do instead, in one sentence.
+NO_EQUIVALENT = {
+    "use_large_config": "the guide's large-dataset settings are a config file here: "
+                        "python train_base.py config/large_dataset.py",
+    "log_level": "there are no log levels; log_every sets how often a step is logged",
+    "num_workers": "the loader reads and tokenizes in its own background thread; there are no workers to set",
+    "pin_memory": "batches are pinned automatically on CUDA",
+    "dataloader_buffer_size": "the loader streams a slice of rows at a time and needs no buffer setting",
+    "ultra_low_mem": "the loader always streams, so memory stays bounded without a switch",
+    "save_config": "the config is saved in every checkpoint and at the top of train.log",
+    "dynamic_seq_length": "windows are packed to max_seq_len (pretraining) or padded per batch (SFT)",
+    "model_parallel": "t4chat is data parallel (DDP) only; lower device_batch_size or use "
+                      "--gradient_checkpointing=True to fit a bigger model",
 }
 
 # torchrun's own options end up after the script name when a user forgets the order.
@@ -292,7 +311,17 @@ def _exec_py(path, text):
         exec(compile(text, path, "exec"), ns)
     except Exception as e:  # noqa: BLE001 - any failure in a user's file is a user error
         raise UserError(f"config file {path!r} failed to run: {type(e).__name__}: {e}; fix the file") from None
-    # imports, helper functions and classes in the file are not settings
+    # the large-dataset guide keeps its settings as fields of a class (class TrainConfigPretrainLarge:
+    # device_batch_size: int = 32 ...); silently ignoring them would train with the defaults
+    classes = [v for v in ns.values() if isinstance(v, type) and v.__module__ == "__config__"]
+    if classes:
+        cls = classes[0]
+        fields = {k: v for k, v in vars(cls).items() if not k.startswith("_") and not callable(v)}
+        lines = "; ".join(f"{k} = {v!r}" for k, v in list(fields.items())[:6]) + ("; ..." if len(fields) > 6 else "")
+        raise UserError(f"config file {path!r} defines class {cls.__name__}: a config file sets top-level "
+                        f"`key = value` lines, and settings inside a class are not read. Move its fields to the top "
+                        f"level ({lines}), one per line, without the type annotations")
+    # imports and helper functions in the file are not settings
     return {k: v for k, v in ns.items()
             if not k.startswith("_") and not callable(v) and not isinstance(v, pytypes.ModuleType)}
 
@@ -438,6 +467,9 @@ def _unknown_key_message(key, value, origin, keys, g):
     if g.get(key, 0) is None and not key.startswith("_"):
         return (msg + f": its default is None and its type is undeclared; add {key!r} to the script's "
                 "_types dict (a fix in the script, not in your command)")
+    norm = key.replace("-", "_").lower()
+    if norm in NO_EQUIVALENT:
+        return msg + f": not a setting here; {NO_EQUIVALENT[norm]}. Drop it from the command or file"
     best = _suggest(key, keys)
     if best is None:
         return msg + ": no similar key; run the script with --help to list every key"

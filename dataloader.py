@@ -61,13 +61,14 @@ def list_shards(data_root, split, val_files="") -> list:
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "does not exist"
         raise UserError(f"data_root {root} {what}; pass --data_root=<folder holding the *.parquet shards> "
-                        f"(e.g. --data_root=../shared/data/pretrain) or create shards with prepare_data.py")
+                        f"(e.g. --data_root=../shared/data/pretrain); shards are parquet files with a `text` column "
+                        f"(FineWeb-Edu's layout) or `prompt` + `response` columns")
     # Name order is the stream order: the same on every rank and every run, whatever the file system lists.
     # Subfolders are not searched, so a backup copy in a subfolder cannot sneak into training twice.
     shards = sorted(root.glob("*.parquet"))
     if not shards:
         raise UserError(f"no *.parquet shards in {root} (subfolders are not searched); pass "
-                        f"--data_root=<the folder that holds them> or create shards with prepare_data.py")
+                        f"--data_root=<the folder that holds them>")
     if val_files.strip():
         # val_files may name files outside data_root (absolute or ../), which is the way out for a
         # corpus that is a single shard; any shard it names under data_root leaves the train split.
@@ -114,7 +115,7 @@ def _match_val_files(root, spec, shards) -> list:
 def _inspect_shard(path) -> _ShardInfo:
     """Read only the footer: readable, has a usable column layout, not empty."""
     path = Path(path)
-    fix = "re-create it (e.g. re-run prepare_data.py) or move it out of the data folder"
+    fix = "re-create it (or download it again) or move it out of the data folder"
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... depending on the damage
@@ -163,22 +164,43 @@ def count_rows(paths) -> int:
     return sum(info.num_rows for info in _inspect_all(paths))
 
 
-def _read_texts(pf, info, row_group, first_row=0, num_rows=None) -> list:
-    """One row group's documents as Python strings (only the columns we need are decoded)."""
-    try:
-        table = pf.read_row_group(row_group, columns=list(info.columns))
-    except Exception as e:
-        raise UserError(f"{info.path}: row group {row_group} cannot be read ({type(e).__name__}: {e}); the "
-                        f"file is damaged: re-create it (e.g. re-run prepare_data.py) or move it out of the "
-                        f"data folder") from e
-    # slice() is zero-copy; a resume in the middle of a row group simply starts at its row.
-    if first_row or num_rows is not None:
-        table = table.slice(first_row, num_rows)
+# Rows decoded and tokenized at a time. A row group is read whole when it is no bigger; a bigger one (pyarrow's
+# writer puts up to ~1 M rows in one by default) is streamed in slices of this many rows, so memory depends on
+# neither the corpus nor how its files were written.
+SLICE_ROWS = 1024
+
+
+def _texts(table, info) -> list:
+    """The documents of an Arrow table or record batch as Python strings."""
     # A null cell counts as an empty document (it still gets its <bos>), so row numbers stay aligned.
     cols = [pc.fill_null(table.column(name), "") for name in info.columns]
     # The prompt/response join runs inside Arrow (C++), so it costs nothing next to tokenizing.
     joined = cols[0] if len(cols) == 1 else pc.binary_join_element_wise(cols[0], cols[1], "\n")
     return joined.to_pylist()
+
+
+def _iter_texts(pf, info, row_group, first_row=0, slice_rows=None):
+    """(first row, documents) for the rows of one row group from `first_row` on, at most slice_rows (default
+    SLICE_ROWS) at a time. Only the columns we need are decoded."""
+    slice_rows = slice_rows or SLICE_ROWS
+    try:
+        if info.row_group_rows[row_group] <= slice_rows:
+            # slice() is zero-copy; a resume in the middle of a row group simply starts at its row
+            yield first_row, _texts(pf.read_row_group(row_group, columns=list(info.columns)).slice(first_row), info)
+            return
+        seen = 0
+        for batch in pf.iter_batches(batch_size=slice_rows, row_groups=[row_group], columns=list(info.columns),
+                                     use_threads=False):
+            n = batch.num_rows
+            if seen + n > first_row:  # a resume decodes (but does not tokenize) the slices before its row
+                lo = max(0, first_row - seen)
+                yield seen + lo, _texts(batch.slice(lo), info)
+            seen += n
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{info.path}: row group {row_group} cannot be read ({type(e).__name__}: {e}); the "
+                        f"file is damaged: re-create it or move it out of the data folder") from e
 
 
 def _open(info):
@@ -210,7 +232,10 @@ def estimate_tokens(paths, tokenizer, sample_rows=2000):
     for info, g in picks:
         pf = _open(info)
         try:
-            texts = _read_texts(pf, info, g, 0, per_group)
+            if per_group is None:  # exact: every row
+                texts = [t for _, part in _iter_texts(pf, info, g) for t in part]
+            else:  # the first per_group rows of the group, without decoding the rest of a big one
+                texts = next(_iter_texts(pf, info, g, 0, per_group))[1][:per_group]
         finally:
             pf.close()
         rows += len(texts)
@@ -323,12 +348,14 @@ class _Stream:
                     if pf is not None:
                         pf.close()
                     pf, pf_shard = _open(self.shards[s]), s
-                texts = _read_texts(pf, self.shards[s], g, row)
-                tokens, doc_starts = _pack(self.tokenizer.encode_batch(texts), self.bos)
-                if skip:
-                    tokens, doc_starts, skip = self._skip(tokens, doc_starts, skip, s, g, row)
-                yield _Chunk(pos, tokens, doc_starts, epoch, s, g, row)
-                pos += len(tokens)
+                for first, texts in _iter_texts(pf, self.shards[s], g, row):
+                    if stop.is_set():
+                        return
+                    tokens, doc_starts = _pack(self.tokenizer.encode_batch(texts), self.bos)
+                    if skip:
+                        tokens, doc_starts, skip = self._skip(tokens, doc_starts, skip, s, g, first)
+                    yield _Chunk(pos, tokens, doc_starts, epoch, s, g, first)
+                    pos += len(tokens)
         finally:
             if pf is not None:
                 pf.close()
@@ -353,8 +380,8 @@ class _Stream:
         while len(chunks) > 1 and chunks[0].end <= index:
             chunks.popleft()
         c = chunks[0]
-        if index >= c.end:  # the window starts right after everything read: the next row group's first row
-            epoch, shard, row_group, row = self.canonical(c.epoch, c.shard, c.row_group + 1, 0)
+        if index >= c.end:  # the window starts right after everything read: the row after the chunk's last
+            epoch, shard, row_group, row = self.canonical(c.epoch, c.shard, c.row_group, c.first_row + len(c.doc_starts))
             offset = 0
         else:
             # The row is the last one whose <bos> is at or before `index`; the offset counts that <bos>.
@@ -757,6 +784,7 @@ class ConversationPackLoader:
                     raise UserError(f"packed conversation loader: none of the {self.num_examples} {self.split} "
                                     f"examples has a trained (assistant) token")
                 continue
+            empty = 0
             ids, mask = np.asarray(out[0], dtype=np.int64), np.asarray(out[1], dtype=bool)
             start, self._offset = self._offset, 0
             if start > len(ids):

@@ -45,7 +45,7 @@ num_epochs = -1.0             # passes over the training part; -1 = use max_step
 # optimizer and schedule: AdamW, cosine from max_lr to min_lr
 optimizer = "adamw"           # adamw | muon
 max_lr = 3e-5                 # peak learning rate (the guide: 3e-5 to 5e-5 for finetuning, 10x below pretraining)
-matrix_lr = 1.5e-4            # peak learning rate of the Muon matrices (optimizer=muon only; 5x max_lr as in SFT)
+matrix_lr = 1.5e-4            # peak learning rate of the Muon matrices; follows max_lr in proportion unless set
 min_lr = -1.0                 # final learning rate; -1 = max_lr / 10
 warmup_steps = 100            # linear warmup steps; -1 = use warmup_ratio
 warmup_ratio = -1.0           # warmup as a fraction of max_steps; -1 = use warmup_steps

@@ -34,7 +34,7 @@ target_param_data_ratio = 20  # tokens per parameter when max_steps and num_epoc
 # optimizer and schedule
 optimizer = "muon"            # muon (Muon for hidden matrices + AdamW for the rest) | adamw
 max_lr = 0.004                # peak learning rate of the AdamW parameters (embeddings, head, norms)
-matrix_lr = 0.02              # peak learning rate of the Muon matrices (optimizer=muon only)
+matrix_lr = 0.02              # peak learning rate of the Muon matrices; follows max_lr in proportion unless set
 min_lr = -1.0                 # final learning rate; -1 = max_lr / 10 (scaled alike for matrix_lr)
 warmup_steps = -1             # linear warmup steps; -1 = use warmup_ratio
 warmup_ratio = 0.0            # warmup as a fraction of max_steps; -1 = use warmup_steps

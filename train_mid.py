@@ -28,7 +28,7 @@ num_epochs = 1.0              # passes over the mixture's training part; -1 = us
 # optimizer and schedule (the base run's learning rates, decayed to zero: nanochat's mid-training recipe)
 optimizer = "muon"            # muon | adamw
 max_lr = 0.004                # peak learning rate of the AdamW parameters (embeddings, head, norms)
-matrix_lr = 0.02              # peak learning rate of the Muon matrices
+matrix_lr = 0.02              # peak learning rate of the Muon matrices; follows max_lr in proportion unless set
 min_lr = 0.0                  # final learning rate; -1 = max_lr / 10
 warmup_steps = 0              # linear warmup steps; -1 = use warmup_ratio
 warmup_ratio = -1.0           # warmup as a fraction of max_steps; -1 = use warmup_steps

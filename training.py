@@ -29,46 +29,84 @@ from common import UserError, print0
 ARCH_KEYS = ("depth", "n_embd", "n_head", "n_kv_head")
 
 
+def _check_ranges(c):
+    """Values the parser accepts by type but the loop cannot use; all reported at once, before anything starts."""
+    rules = [("max_lr", lambda v: v > 0, "> 0"), ("matrix_lr", lambda v: v > 0, "> 0"),
+             ("log_every", lambda v: v >= 1, ">= 1"), ("weight_decay", lambda v: v >= 0, ">= 0"),
+             ("min_lr", lambda v: v >= 0 or v == -1, ">= 0, or -1 for max_lr / 10"),
+             ("keep_last_n_checkpoints", lambda v: v >= -1, ">= 0, or -1 to keep all"),
+             ("max_nonfinite", lambda v: v >= 1, ">= 1")]
+    bad = [f"{k}={c[k]} must be {want}" for k, ok, want in rules if k in c and not ok(c[k])]
+    if bad:
+        raise UserError("; ".join(bad))
+
+
 class Stage:
     def __init__(self, g: dict, name: str, *, init_stage=None, argv=None):
         """Parse the config and settle everything that can fail on bad input, before any process group exists,
         so a typo fails in a second on every rank alike."""
         from tokenizer import get_tokenizer
         self.name, self.init_stage = name, init_stage
+        self.default_lrs = (g.get("max_lr"), g.get("matrix_lr"))  # before the overrides land in g
         self.config, self.user_set = common.load_config(g, argv)
         c = self.c = self.config
         self.rank, _, self.world_size = common.dist_env()
         self.is_master = self.rank == 0
 
+        _check_ranges(c)
+
+        # --resume=<checkpoint>: that checkpoint holds everything (weights, optimizer, data position), so no
+        # earlier stage is looked up, and by default the run goes on in the checkpoint's own folder
+        self.resume_path = self.resume_ckpt = None
+        if c["resume"]:
+            if not c["checkpoint_path"]:
+                raise UserError("resume=True needs --checkpoint_path=<ckpt file or run folder> (or --resume=<path>)")
+            self.resume_path = resolve_checkpoint(c["checkpoint_path"], key="checkpoint_path")
+            self.resume_ckpt = load_checkpoint(self.resume_path)
+            other = self.resume_ckpt.get("stage")
+            if other and other != name:
+                raise UserError(f"{self.resume_path} is a {other} checkpoint; --resume continues a {name} run. To start "
+                                f"{name} from it, pass --pretrained_checkpoint={self.resume_path} instead")
+
         # where this stage starts from: an earlier stage's checkpoint (mid, sft, dolly) or, for base, scratch
         # unless pretrained_checkpoint is given; both through the one resolve_checkpoint() rule
         spec = c.get("pretrained_checkpoint", "")
         self.init_path = None
-        if spec or init_stage:
+        if (spec or init_stage) and self.resume_path is None:
             self.init_path = resolve_checkpoint(spec, default_stage=init_stage)
         self.init_ckpt = load_checkpoint(self.init_path) if self.init_path else None
 
         # the run folder: <stage dir>/<run_name>; a later stage keeps the name of the run it starts from (d12 -> d12)
-        default_run = (self.init_path.parent.name if self.init_path and init_stage else f"d{c.get('depth', 0)}")
+        if self.resume_path is not None:
+            default_run = self.resume_path.parent.name
+        else:
+            default_run = self.init_path.parent.name if self.init_path and init_stage else f"d{c.get('depth', 0)}"
         self.run_name = c.get("run_name") or default_run
-        self.ckpt_dir = Path(c.get("out_dir") or common.base_dir() / STAGE_DIRS[name] / self.run_name)
+        if c.get("out_dir"):
+            self.ckpt_dir = Path(c["out_dir"])
+        elif self.resume_path is not None and not c.get("run_name"):
+            self.ckpt_dir = self.resume_path.parent
+        else:
+            self.ckpt_dir = common.base_dir() / STAGE_DIRS[name] / self.run_name
         self.ckpts = CheckpointManager(self.ckpt_dir, keep_last_n=c["keep_last_n_checkpoints"],
                                        permanent=c["permanent_checkpoints"], keep_best_n=c.get("keep_best_n", 0),
                                        is_master=self.is_master)
-        self.resume_path = None
-        if c["resume"]:
-            if not c["checkpoint_path"]:
-                raise UserError("resume=True needs --checkpoint_path=<ckpt file or run folder> (or --resume=<path>)")
-            self.resume_path = resolve_checkpoint(c["checkpoint_path"])
+        if self.resume_path is not None:
+            if self.ckpt_dir.resolve() != self.resume_path.parent.resolve() and self.ckpts.latest() is not None:
+                raise UserError(f"{self.ckpt_dir} already holds checkpoints of another run (newest: "
+                                f"{self.ckpts.latest().name}); resuming {self.resume_path} there would mix the two. "
+                                f"Leave out --run_name/--out_dir to go on in {self.resume_path.parent}, or pick a new "
+                                f"--run_name")
         elif c["auto_resume"]:
             self.resume_path = self.ckpts.latest()
             if self.resume_path is None:
                 print0(f"auto_resume: no complete checkpoint in {self.ckpt_dir} yet, starting a new run")
+            else:
+                self.resume_ckpt = load_checkpoint(self.resume_path)
         elif self.ckpts.latest() is not None:
             raise UserError(f"{self.ckpt_dir} already holds checkpoints of an earlier run (newest: "
                             f"{self.ckpts.latest().name}). Continue it with --auto_resume=True, or start another run "
                             f"with --run_name=<new name>")
-        self.resume_ckpt = load_checkpoint(self.resume_path) if self.resume_path else None
 
         # the tokenizer: the one a checkpoint recorded wins (a mid run uses its base's vocabulary), unless the
         # user names one explicitly, which must then match
@@ -141,6 +179,17 @@ class Stage:
                                reference_batch=c["lr_reference_batch"] if c["lr_reference_batch"] > 0 else reference_batch)
         final = c["min_lr"] if c["min_lr"] >= 0 else peak / 10
         return steps, warmup, peak, final
+
+    def matrix_lr(self, peak_lr):
+        """Muon's peak rate. It follows max_lr: a user who lowers max_lr (the guides' "loss not falling: lower
+        the learning rate") lowers every rate in the model in proportion, unless matrix_lr is set as well; and
+        lr_scaling scales both alike."""
+        c = self.c
+        default_max, default_matrix = self.default_lrs
+        matrix = c.get("matrix_lr", default_matrix or 0.02)
+        if "max_lr" in self.user_set and "matrix_lr" not in self.user_set and default_max:
+            matrix *= c["max_lr"] / default_max
+        return matrix * peak_lr / c["max_lr"]
 
     # ---- evaluation helper ----
     @torch.no_grad()
@@ -216,18 +265,40 @@ class Stage:
         c, dev, scaler, dist_info = self.c, self.device, self.scaler, self.dist
         raw_model = model
         optim = raw_model.configure_optimizers(optimizer=c["optimizer"], max_lr=peak_lr,
-                                               matrix_lr=c.get("matrix_lr", 0.02) * peak_lr / c["max_lr"],
+                                               matrix_lr=self.matrix_lr(peak_lr),
                                                weight_decay=c["weight_decay"],
                                                ns_dtype=common.muon_ns_dtype(dev, self.dtype))
         start_step = 0
         ck = self.resume_ckpt
         if ck is not None:
-            optim.load_state_dict(ck["optimizer"])
+            # load_state_dict brings back the saved hyperparameters too; the ones in force are this run's config
+            # (a lower max_lr after a divergence must take effect), so they are put back on top of the state
+            fresh = [{k: v for k, v in g.items() if k != "params"} for g in optim.param_groups]
+            saved = ck["config"].get("optimizer", "?") if isinstance(ck.get("config"), dict) else "?"
+            try:
+                optim.load_state_dict(ck["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise UserError(f"{self.resume_path} holds the state of another optimizer ({saved}; this run: "
+                                f"--optimizer={c['optimizer']}): {e}. Resume with --optimizer={saved}, or start a new "
+                                f"run from it with --pretrained_checkpoint={self.resume_path}") from None
+            changed = set()
+            for group, hyper in zip(optim.param_groups, fresh):
+                changed |= {k for k, v in hyper.items() if k != "lr" and group.get(k) != v}
+                group.update(hyper)
+            if changed:
+                print0(f"resume: {', '.join(sorted(changed))} differ from the checkpoint's; this run's values apply "
+                       f"from step {ck['step']} on")
             if scaler is not None and ck.get("scaler"):
                 scaler.load_state_dict(ck["scaler"])
             train_loader.load_state_dict(ck["loader"])
             set_rng_state(ck["rng"])
             start_step = ck["step"]
+            # rolled back to an older checkpoint of this folder: the newer ones belong to the abandoned
+            # continuation; moved aside (not deleted) so rotation keeps this run's saves and auto_resume follows it
+            aside = self.ckpts.set_aside_after(start_step)
+            if aside is not None:
+                print0(f"resume from step {start_step}: the newer checkpoints of this folder were moved to {aside}")
+            common.barrier()
             if ck.get("world_size") != self.world_size:
                 print0(f"resuming a {ck.get('world_size')}-process checkpoint on {self.world_size} process(es): the "
                        f"data stream and global batch are unchanged, gradient accumulation is now {accum}")
@@ -248,7 +319,8 @@ class Stage:
             header={"stage": self.name, "device": common.device_name(dev), "world_size": self.world_size,
                     "dtype": f"{self.dtype} ({self.dtype_reason})", "tokenizer": self.tok.describe(),
                     "parameters": f"{num_params:,}", "flops/token": f"{flops_per_token:.3e}", **(header or {}),
-                    "horizon": f"{steps} steps, warmup {warmup}, lr {peak_lr:g} -> {final_lr:g} ({c['lr_scheduler']})",
+                    "horizon": f"{steps} steps, warmup {warmup}, lr {peak_lr:g} -> {final_lr:g} ({c['lr_scheduler']})"
+                               + (f", Muon matrix_lr {self.matrix_lr(peak_lr):g}" if c["optimizer"] == "muon" else ""),
                     "checkpoints": str(self.ckpt_dir),
                     "starts from": (f"{self.resume_path} (resume, step {start_step})" if self.resume_path
                                     else str(self.init_path or "scratch"))})
@@ -332,19 +404,21 @@ class Stage:
                         f"the loss or its gradient was not finite for {nonfinite} steps in a row (step {step}); the weights were not "
                         f"updated and the last good checkpoint in {self.ckpt_dir} is intact. Lower --max_lr, raise "
                         f"--warmup_steps, or try --dtype=float32 to find the cause, then resume with --auto_resume=True")
+            log_now = step % c["log_every"] == 0 or step == steps - 1
+            # per-layer norms of the (unscaled, clipped) gradients, read before zero_grad frees them
+            layer_norms = _layer_grad_norms(raw_model) if log_now and c.get("log_gradients") else {}
             optim.zero_grad(set_to_none=True)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t0
 
-            if step % c["log_every"] == 0 or step == steps - 1:
+            if log_now:
                 tok_per_s = tokens / dt
                 mfu = flops_per_token * tok_per_s / (peak * self.world_size) if peak else None
                 extra = {"skipped": skipped} if skipped else {}
                 if scaler is not None:
                     extra["scale"] = f"{scaler.get_scale():.0f}"
-                if c.get("log_gradients"):
-                    extra.update(_layer_grad_norms(raw_model))
+                extra.update(layer_norms)
                 logger.step(step, steps, loss=lossf, lr=lr, dt=dt, tok_per_s=tok_per_s, mfu=mfu, grad_norm=grad_norm,
                             mem=common.memory_stats(dev), extra=extra or None)
         logger.close()

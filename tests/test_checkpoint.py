@@ -96,6 +96,32 @@ def test_rotation_keeps_last_permanent_best_and_final(tmp_path):
     assert index["best"]["step"] == 15 and index["latest"] == "ckpt_000030.pt"
 
 
+def test_latest_is_the_newest_complete_checkpoint_even_when_LATEST_lags(tmp_path):
+    # a kill between the marker and LATEST: the newest complete checkpoint wins, that interval is not lost
+    m = CheckpointManager(tmp_path, keep_last_n=-1)
+    m.save(500, _state(500), {})
+    m.save(600, _state(600), {})
+    (tmp_path / "LATEST").write_text("ckpt_000500.pt\n", encoding="utf-8")
+    assert m.latest() == tmp_path / "ckpt_000600.pt"
+
+
+def test_rollback_sets_newer_checkpoints_aside_and_rotation_keeps_the_new_save(tmp_path):
+    m = CheckpointManager(tmp_path, keep_last_n=1, permanent="500")
+    for s in (500, 1000):
+        m.save(s, _state(s), {})
+    # without set-aside, rotation must still keep what was just saved (an older step than the newest)
+    m.save(600, _state(600), {})
+    assert 600 in m.complete()
+    # a run resumed from 500: 600 and 1000 belong to the abandoned continuation
+    aside = m.set_aside_after(500)
+    assert sorted(m.complete()) == [500] and m.latest() == tmp_path / "ckpt_000500.pt"
+    assert sorted(p.name for p in aside.iterdir()) == ["ckpt_000600.json", "ckpt_000600.pt", "ckpt_001000.json",
+                                                        "ckpt_001000.pt"]  # moved, not deleted
+    m.save(510, _state(510), {})
+    assert sorted(m.complete()) == [500, 510] and m.latest() == tmp_path / "ckpt_000510.pt"
+    assert m.set_aside_after(510) is None  # nothing newer: nothing moved
+
+
 def test_a_nan_val_loss_is_never_best(tmp_path):
     # eval_loss reports nan when no validation token was scored; the index must not call that the best
     m = CheckpointManager(tmp_path, keep_last_n=1, keep_best_n=1)

@@ -416,3 +416,28 @@ def test_help_as_a_real_script(tmp_path):
     done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "# sequences per device per micro-step" in done.stdout
+
+
+def test_a_config_class_is_refused_with_its_fields_spelled_out(g, tmp_path):
+    # the large-dataset guide's TrainConfigPretrainLarge: ignoring it silently would train on the defaults
+    cfg = write(tmp_path, "config.py", "class TrainConfigPretrainLarge:\n    max_seq_len: int = 192\n"
+                                       "    device_batch_size: int = 32\n")
+    msg = user_error(g, [str(cfg)])
+    assert "class TrainConfigPretrainLarge" in msg and "max_seq_len = 192" in msg and "device_batch_size = 32" in msg
+    assert g["max_seq_len"] == 1024  # nothing applied
+
+
+@pytest.mark.parametrize("key, says", [("log_level", "log_every"), ("use_large_config", "config/large_dataset.py"),
+                                       ("num_workers", "background thread"), ("model_parallel", "DDP")])
+def test_guide_keys_without_an_equivalent_say_what_to_do_instead(g, key, says):
+    msg = user_error(g, [f"--{key}=1"])
+    assert "not a setting here" in msg and says in msg and "did you mean" not in msg
+
+
+def test_sft_accumulation_and_data_path_point_to_its_own_keys(tmp_path):
+    g = make_stage(tmp_path, "target_examples_per_step = 32  # conversations per step\n"
+                             "mixture = ''  # conversation files\n")
+    g.pop("total_batch_size")
+    msg = user_error(g, ["--gradient_accumulation_steps=64", "--data_path=smol.json"])
+    assert "'target_examples_per_step'" in msg and "device_batch_size=1 with accumulation 64" in msg
+    assert "'mixture'" in msg

@@ -365,6 +365,37 @@ def test_streams_one_row_group_at_a_time(tmp_path, monkeypatch):
     assert 1 <= len(rows_read) <= 3 and max(rows_read) == 8
 
 
+def test_a_big_row_group_is_streamed_in_slices_with_the_same_stream_and_exact_resume(tmp_path, monkeypatch):
+    # pyarrow's writer puts up to ~1 M rows in one row group by default: a 10 M-row file would be read (and
+    # tokenized) a gigabyte at a time. Such a group is streamed SLICE_ROWS rows at a time instead, and the
+    # stream and the resume positions are those of the same rows in small groups.
+    monkeypatch.setattr(dataloader, "SLICE_ROWS", 16)
+    rng = random.Random(3)
+    docs = ["".join(rng.choice("abcdefgh ") for _ in range(rng.randint(0, 40))) for _ in range(200)]
+    big, small = tmp_path / "big", tmp_path / "small"
+    for root, group in ((big, 200), (small, 4)):
+        root.mkdir()
+        write_shard(root / "shard_00000.parquet", docs, row_group_size=group)
+        write_shard(root / "shard_00001.parquet", ["validation"], row_group_size=group)
+    whole = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, *a, **k: whole.append(self.metadata.row_group(i).num_rows) or real(self, i, *a, **k))
+    with loader(big, device_batch_size=2, max_seq_len=12) as a, loader(small, device_batch_size=2, max_seq_len=12) as b:
+        first = take(a, 30)
+        assert same(first, take(b, 30))
+        state = a.state_dict()
+        assert 0 < state["row"] < 200 and state["row_group"] == 0  # a position inside the one big group
+        continued = take(a, 150)  # past the end of the file (~4,200 tokens): the next epoch starts
+    assert whole and 200 not in whole  # the small groups were read whole, the 200-row group never
+    assert a.epoch >= 1
+    with loader(big, device_batch_size=2, max_seq_len=12) as fresh:
+        fresh.load_state_dict(state)
+        assert same(take(fresh, 150), continued)
+    tokens, how = estimate_tokens(list_shards(big, "train"), BYTES, sample_rows=1000)
+    assert how.startswith("exact") and tokens == len(stream_of(docs, 1))
+
+
 # ---- sizes for the trainer ----
 
 def test_count_rows_and_estimate_tokens(corpus):

@@ -219,6 +219,11 @@ def test_pack_tiny_data_and_builtin_tasks():
     # no trainable token anywhere is an error, not an endless loop
     with pytest.raises(UserError, match="has a trained"):
         pack([Record([msg("user", "q"), msg("assistant", "a")])], render=lambda ex, limit: None).next_batch()
+    # but every other example without one is fine, however long the window (the count is of drops in a row)
+    half = [Record([msg("user", f"q{k}"), msg("assistant", "a")] if k % 2 == 0 else [msg("user", "no reply")])
+            for k in range(10)]
+    x, y = pack(half, device_batch_size=1, max_seq_len=127).next_batch()
+    assert (y != -1).any()
 
 
 def test_sft_validation_pass_sees_every_example_once():

@@ -271,3 +271,11 @@ def test_mid_warns_when_max_seq_len_exceeds_the_base_run(tiny_pipeline, tmp_path
     log = (tmp_path / "run" / "train.log").read_text(encoding="utf-8")
     assert f"warning: max_seq_len={longer} exceeds the {PIPELINE_SEQ_LEN} tokens" in log, log[-3000:]
     assert log.index("==== ") < log.index("warning: max_seq_len=")  # after the header, which opens the log
+
+
+def test_resume_refuses_a_checkpoint_of_another_stage(tiny_pipeline, tmp_path):
+    base = tiny_pipeline.latest("base")
+    p = run_script("train_mid.py", f"--resume={base}", "--device=cpu", "--compile=False", env=tiny_pipeline.env,
+                   check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "is a base checkpoint" in p.stderr and f"--pretrained_checkpoint={base}" in p.stderr, p.stderr[-2000:]

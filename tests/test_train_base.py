@@ -162,6 +162,34 @@ def test_bad_inputs_fail_fast_with_a_fix(tiny_corpus, tmp_path):
     (bad / "shard_00001.parquet").write_bytes(b"nor this")
     _fails([*TINY, f"--data_root={bad}", "--max_steps=2"], ["shard_00000.parquet"])
     _fails([*base, "--dtype=fp8"], ["dtype"])
+    _fails([*base, "--log_every=0", "--max_lr=0"], ["log_every=0 must be >= 1", "max_lr=0.0 must be > 0"])
+
+
+def test_rollback_resume_with_a_lower_lr_goes_on_in_the_checkpoints_folder(tiny_corpus, tmp_path):
+    # the way back after a divergence: resume an older checkpoint with a lower max_lr. The new rates must
+    # apply (not the checkpoint's), the run must go on in that checkpoint's folder, and the abandoned newer
+    # checkpoints must be moved aside rather than deleted or resumed later.
+    env = {"NANOCHAT_BASE_DIR": str(tmp_path / "nc")}
+    args = [*TINY, f"--data_root={tiny_corpus}", "--total_batch_size=1024", "--eval_every=4",
+            "--checkpoint_interval=4", "--max_steps=8"]
+    run_script("train_base.py", *args, "--run_name=myrun", "--log_gradients=True", env=env)
+    run = tmp_path / "nc" / "checkpoints" / "myrun"
+    gn = [k for k in read_metrics(run)[3] if k.startswith("gn/")]
+    assert len(gn) > 4, "log_gradients logged no per-layer norms"
+    first_final = (run / "ckpt_000008.pt").read_bytes()
+    # another optimizer's state cannot be resumed: one message, nothing touched
+    _fails([*args, f"--resume={run / 'ckpt_000004.pt'}", "--optimizer=adamw"], ["another optimizer", "--optimizer=muon"],
+           env=env)
+    assert (run / "ckpt_000008.pt").read_bytes() == first_final
+    p = run_script("train_base.py", *args, f"--resume={run / 'ckpt_000004.pt'}", "--max_lr=0.001", env=env)
+    assert "moved to" in p.stdout and "differ from the checkpoint's" in p.stdout, p.stdout[-3000:]
+    aside = [d for d in run.iterdir() if d.is_dir() and d.name.startswith("set_aside_after_000004")]
+    assert len(aside) == 1 and (aside[0] / "ckpt_000008.pt").read_bytes() == first_final
+    ck = torch.load(run / "ckpt_000008.pt", map_location="cpu", weights_only=True)
+    assert ck["config"]["max_lr"] == 0.001
+    muon = [g for g in ck["optimizer"]["param_groups"] if g.get("kind") == "muon"]
+    # matrix_lr follows max_lr in proportion: 0.02 * 0.001 / 0.004
+    assert muon and all(g["base_lr"] == pytest.approx(0.005) for g in muon)
 
 
 def test_incompatible_checkpoint_and_existing_run_are_refused_untouched(tiny_corpus, tmp_path):
