@@ -11,7 +11,6 @@ run alternately in fresh processes, and every ratio compares figures taken in th
 import argparse
 import concurrent.futures
 import json
-import math
 import os
 import resource
 import statistics

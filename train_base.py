@@ -89,7 +89,10 @@ def main():
                                         world_size=st.world_size, user_set=st.user_set)
     root = data_root or str(common.base_dir() / "base_data")
     train_shards = dataloader.list_shards(root, "train", val_files)
-    dataloader.list_shards(root, "val", val_files)
+    val_shards = dataloader.list_shards(root, "val", val_files)
+
+    def names(paths):  # every *.parquet in data_root trains unless it is validation: say which ones, in the log
+        return ", ".join(p.name for p in paths) if len(paths) <= 4 else f"{paths[0].name} .. {paths[-1].name}"
 
     # ---- setup and model ----
     st.setup()
@@ -139,7 +142,9 @@ def main():
                evaluate=evaluate, sample=sample,
                header={"batch": f"{total:,} tokens/step = {device_batch_size} seqs x {max_seq_len} tokens x "
                                 f"{st.world_size} GPUs x {accum} accumulation",
-                       "tokens": f"{steps * total:,} in {steps} steps"})
+                       "tokens": f"{steps * total:,} in {steps} steps",
+                       "data": f"{root}: train {len(train_shards)} shard(s) ({names(train_shards)}); "
+                               f"val {len(val_shards)} ({names(val_shards)})"})
     finally:
         train_loader.close()
         val_loader.close()

@@ -46,6 +46,7 @@ def test_smoke_loss_falls_val_bpb_and_checkpoint(tiny_corpus, tmp_path):
     assert (out / "ckpt_000030.pt").exists() and (out / "train.log").exists()
     log = (out / "train.log").read_text(encoding="utf-8")
     assert "git " in log and "torch " in log and "device:" in log and "max_seq_len = 64" in log
+    assert "train 2 shard(s) (shard_00000.parquet, shard_00001.parquet); val 1 (shard_00002.parquet)" in log
 
 
 @pytest.fixture(scope="module")
