@@ -29,6 +29,10 @@ from common import UserError, print0
 ARCH_KEYS = ("depth", "n_embd", "n_head", "n_kv_head")
 
 
+def _sum_dtype(device):
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def _check_ranges(c):
     """Values the parser accepts by type but the loop cannot use; all reported at once, before anything starts."""
     rules = [("max_lr", lambda v: v > 0, "> 0"), ("matrix_lr", lambda v: v > 0, "> 0"),
@@ -199,7 +203,8 @@ class Stage:
         was_training = model.training
         model.eval()
         loader.reset()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss (nats), tokens, bytes
+        # loss (nats), tokens, bytes; float64 so millions of tokens sum exactly (MPS has no float64: float32 there)
+        sums = torch.zeros(3, dtype=_sum_dtype(self.device), device=self.device)
         for _ in range(max(1, n_batches)):
             x, y = loader.next_batch()
             with self.autocast:
@@ -210,7 +215,7 @@ class Stage:
             else:
                 nbytes = token_bytes[y.clamp(min=0)] * (y != -1)
                 counted = nbytes > 0  # specials (bos) carry no bytes: left out of bpb, as nanochat does
-            sums += torch.stack([(losses * counted).sum().double(), counted.sum().double(), nbytes.sum().double()])
+            sums += torch.stack([t.sum().to(sums.dtype) for t in (losses * counted, counted, nbytes)])
         common.all_reduce(sums)
         model.train(was_training)
         if sums[1] == 0:
@@ -234,7 +239,7 @@ class Stage:
         from engine import consume, generate_stream, stop_ids_for
         from tokenizer import render_for_completion
         tasks = sorted({t for t, _ in items})
-        counts = torch.zeros(len(tasks), 2, dtype=torch.float64, device=self.device)  # correct, total
+        counts = torch.zeros(len(tasks), 2, dtype=_sum_dtype(self.device), device=self.device)  # correct, total
         was_training = model.training
         model.eval()
         limit = model.config.max_seq_len
