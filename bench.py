@@ -13,6 +13,7 @@ import concurrent.futures
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -307,7 +308,19 @@ def work_compile(spec):
     """Eager vs torch.compile steps of t4chat (AdamW) in one process, and the one-time compile cost."""
     # inductor caches compiled kernels across processes (/tmp/torchinductor_<user>); a fresh cache makes
     # the cost the one a user pays on first use, not what is left after an earlier benchmark run
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="t4chat_bench_inductor_")
+    cache, before = tempfile.mkdtemp(prefix="t4chat_bench_inductor_"), os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    try:
+        return _compile_figures(spec)
+    finally:  # --smoke runs in the caller's process: leave its environment and /tmp as they were
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _compile_figures(spec):
     torch, dev, sync = setup_torch(spec)
     model, _ = build_model(torch, spec, "t4chat", dev)
     opt = make_optimizer(model, "t4chat", "adamw", dev)

@@ -9,9 +9,10 @@ and resume never trusts a file without its marker.
 """
 import json
 import os
-import time
 import random
 import re
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from configurator import UserError
 STAGE_DIRS = {"base": "checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
               "dolly": "dolly_checkpoints"}
 _CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
+_SET_ASIDE = "SET_ASIDE"  # "<step>" while newer checkpoints are being moved aside (see set_aside_after)
 
 
 def unwrap(model):
@@ -106,7 +108,13 @@ class CheckpointManager:
 
     # ---- finding
     def complete(self) -> dict:
-        """{step: path} of checkpoints whose marker (.json) exists; a lone .pt is an unfinished write."""
+        """{step: path} of checkpoints whose marker (.json) exists; a lone .pt is an unfinished write. While a
+        set-aside is under way (or was cut short by a kill), the steps it moves away do not count."""
+        out = self._complete_all()
+        cutoff = self._set_aside_cutoff()
+        return out if cutoff is None else {s: p for s, p in out.items() if s <= cutoff}
+
+    def _complete_all(self) -> dict:
         out = {}
         if self.dir.is_dir():
             for p in self.dir.iterdir():
@@ -114,6 +122,12 @@ class CheckpointManager:
                 if m and p.with_suffix(".json").exists():
                     out[int(m.group(1))] = p
         return dict(sorted(out.items()))
+
+    def _set_aside_cutoff(self):
+        try:
+            return int((self.dir / _SET_ASIDE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
 
     def latest(self):
         """The newest complete checkpoint. The marker (.json) decides, not LATEST: a kill between the two writes
@@ -126,16 +140,39 @@ class CheckpointManager:
         """A run resumed from `step` while newer checkpoints of the abandoned continuation are still here (a
         rollback after a divergence): move those into a subfolder, so rotation and auto_resume see only the
         branch being trained, and nothing is deleted. Returns the folder, or None when there was nothing."""
-        newer = [p for s, p in self.complete().items() if s > step]
-        if not newer or not self.is_master:
+        newer = [p for s, p in self._complete_all().items() if s > step]
+        if not self.is_master:
             return None
-        aside = self.dir / f"set_aside_after_{step:06d}_{time.strftime('%Y%m%d_%H%M%S')}"
-        aside.mkdir()
-        for p in newer:  # the data first, then its marker: never a marker here without its data
-            os.replace(p, aside / p.name)
-            os.replace(p.with_suffix(".json"), aside / p.with_suffix(".json").name)
-        _atomic_write_text(self.dir / "LATEST", f"ckpt_{step:06d}.pt\n")
-        self.write_index()
+        if not newer:
+            # a set-aside killed after its last move: finish it, or this run's own saves would not count
+            (self.dir / _SET_ASIDE).unlink(missing_ok=True)
+            return None
+        try:
+            # first the intent, atomically: from here on the newer steps no longer count as complete, so a kill
+            # half-way through the moves can never make the abandoned branch the newest checkpoint again
+            # (the next resume finds the rest and moves it)
+            _atomic_write_text(self.dir / _SET_ASIDE, str(step))
+            stamp = time.strftime("%Y%m%d_%H%M%S")
+            for k in range(100):  # two rollbacks to the same step within a second get their own folders
+                aside = self.dir / f"set_aside_after_{step:06d}_{stamp}{f'_{k}' if k else ''}"
+                try:
+                    aside.mkdir()
+                    break
+                except FileExistsError:
+                    continue
+            for p in newer:  # the marker first: never a marker without its data
+                os.replace(p.with_suffix(".json"), aside / p.with_suffix(".json").name)
+                os.replace(p, aside / p.name)
+            metrics = self.dir / "metrics.jsonl"
+            if metrics.exists():  # the resumed run rewrites it from `step` on; the abandoned curve stays here
+                shutil.copy2(metrics, aside / metrics.name)
+            _atomic_write_text(self.dir / "LATEST", f"ckpt_{step:06d}.pt\n")
+            (self.dir / _SET_ASIDE).unlink()
+            self.write_index()
+        except OSError as e:
+            raise UserError(f"resuming step {step} of {self.dir}: could not move the newer checkpoints aside "
+                            f"({type(e).__name__}: {e}); check the folder's permissions and free space, or resume "
+                            f"into a new folder with --run_name=<new name>") from None
         return aside
 
     # ---- saving

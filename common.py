@@ -36,14 +36,17 @@ def base_dir() -> Path:
 
 def load_config(g: dict, argv=None):
     """Apply config files and --key=value to a stage's globals.
-    Returns (config, user_set): the effective config, and the keys whose value differs from the script's
-    default. We need the latter for the '-1 = unset' pairs: a default total_batch_size must give way when
-    the user passes grad_accum_steps, while two values the *user* typed must agree."""
+    Returns (config, user_set): the effective config, and the keys a flag named or whose value differs from
+    the script's default. We need the latter for the '-1 = unset' pairs: a default total_batch_size must give
+    way when the user passes grad_accum_steps, while two values the *user* typed must agree."""
     types = g.get("_types", {})
     defaults = {k: g[k] for k in list(g) if not k.startswith("_") and (
         isinstance(g[k], (int, float, bool, str)) or (g[k] is None and k in types))}
-    config = apply_overrides(g, sys.argv[1:] if argv is None else argv, types)
-    user_set = {k for k in config if k in defaults and config[k] != defaults[k]}
+    named = set()
+    config = apply_overrides(g, sys.argv[1:] if argv is None else argv, types, named=named)
+    # a key counts as the user's when a flag names it, even at its default value (--matrix_lr=0.02 pins it),
+    # or when a file or flag gives it a value other than the default
+    user_set = {k for k in config if k in defaults and (k in named or config[k] != defaults[k])}
     return config, user_set
 
 
@@ -139,10 +142,10 @@ def setup_distributed(device: str = "auto") -> Dist:
         torch.cuda.set_device(dev)
         # 30 min, not NCCL's 10: rank 0 may sample or write a checkpoint to a slow disk while the others wait
         # (the large-dataset guide's NCCL_TIMEOUT=1800); NCCL_TIMEOUT=<seconds> overrides it
-        try:
-            timeout = datetime.timedelta(seconds=int(os.environ.get("NCCL_TIMEOUT", "1800")))
-        except ValueError:
-            raise UserError(f"NCCL_TIMEOUT={os.environ['NCCL_TIMEOUT']!r} must be a number of seconds, e.g. 1800") from None
+        raw = os.environ.get("NCCL_TIMEOUT", "1800")
+        if not raw.strip().isdigit() or int(raw) <= 0:
+            raise UserError(f"NCCL_TIMEOUT={raw!r} must be a positive number of seconds, e.g. 1800")
+        timeout = datetime.timedelta(seconds=int(raw))
         dist.init_process_group("nccl", device_id=dev, timeout=timeout)
     else:
         dist.init_process_group("gloo")

@@ -121,11 +121,13 @@ def config_keys(g, types=None):
 snapshot_config = config_keys
 
 
-def apply_overrides(g, argv, types=None):
+def apply_overrides(g, argv, types=None, named=None):
     """Apply config files and --key=value flags from `argv` to the globals `g`; return the effective config.
 
     `types` (merged over g['_types']) declares the type of keys whose default is None.
     Every problem in argv is collected and raised as one UserError, so a user fixes them in one go.
+    `named`, a set, receives every key a --flag set, even to its default value (files are presets; a flag is
+    the user's own word, so --matrix_lr=0.02 pins matrix_lr although 0.02 is its default).
     """
     declared = _declared_types(g, types)
     # each key's type is fixed by its default before anything is applied, so a file can't change it
@@ -149,6 +151,8 @@ def apply_overrides(g, argv, types=None):
         raise UserError(errors[0] if len(errors) == 1 else
                         f"{len(errors)} problems with the settings:\n" + "\n".join(f"  - {e}" for e in errors))
     g.update(updates)
+    if named is not None:
+        named.update(key for key, _ in flags if key in updates)
     return config_keys(g, declared)
 
 
@@ -313,10 +317,13 @@ def _exec_py(path, text):
         raise UserError(f"config file {path!r} failed to run: {type(e).__name__}: {e}; fix the file") from None
     # the large-dataset guide keeps its settings as fields of a class (class TrainConfigPretrainLarge:
     # device_batch_size: int = 32 ...); silently ignoring them would train with the defaults
-    classes = [v for v in ns.values() if isinstance(v, type) and v.__module__ == "__config__"]
-    if classes:
+    def fields_of(cls):
+        return {k: v for k, v in vars(cls).items() if not k.startswith("_") and not callable(v)
+                and not isinstance(v, (classmethod, staticmethod, property))}
+    classes = [v for v in ns.values() if isinstance(v, type) and v.__module__ == "__config__" and fields_of(v)]
+    if classes:  # a helper class with methods only is fine; one holding values is the guide's settings class
         cls = classes[0]
-        fields = {k: v for k, v in vars(cls).items() if not k.startswith("_") and not callable(v)}
+        fields = fields_of(cls)
         lines = "; ".join(f"{k} = {v!r}" for k, v in list(fields.items())[:6]) + ("; ..." if len(fields) > 6 else "")
         raise UserError(f"config file {path!r} defines class {cls.__name__}: a config file sets top-level "
                         f"`key = value` lines, and settings inside a class are not read. Move its fields to the top "

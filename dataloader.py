@@ -206,7 +206,9 @@ def _iter_texts(pf, info, row_group, first_row=0, slice_rows=None):
 def _open(info):
     """ParquetFile for streaming; the footer was already checked, so a failure here is a change on disk."""
     try:
-        return pq.ParquetFile(info.path)
+        # pre_buffer off and a small read buffer: otherwise iter_batches loads a row group's whole compressed
+        # column chunk (gigabytes for a 1 M-row group) before it yields the first slice of rows
+        return pq.ParquetFile(info.path, pre_buffer=False, buffer_size=1 << 20)
     except Exception as e:  # the file was fine at start-up, so something changed it under us
         raise UserError(f"cannot open {info.path} ({type(e).__name__}: {e}); was it moved or rewritten "
                         f"during the run? restore it or restart") from e
@@ -381,7 +383,8 @@ class _Stream:
             chunks.popleft()
         c = chunks[0]
         if index >= c.end:  # the window starts right after everything read: the row after the chunk's last
-            epoch, shard, row_group, row = self.canonical(c.epoch, c.shard, c.row_group, c.first_row + len(c.doc_starts))
+            epoch, shard, row_group, row = self.canonical(c.epoch, c.shard, c.row_group,
+                                                          c.first_row + len(c.doc_starts))
             offset = 0
         else:
             # The row is the last one whose <bos> is at or before `index`; the offset counts that <bos>.

@@ -12,6 +12,7 @@ The loop in fit() is the only training loop in the repo, so exact resume, no_syn
 GradScaler path, the non-finite guard, SIGTERM handling and the log line are written (and tested) once.
 """
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,6 +28,18 @@ from common import UserError, print0
 # the globals a stage script may declare to shape a model from scratch (base); later stages take the shape
 # from the checkpoint they start from, and only check these when the user passes them explicitly
 ARCH_KEYS = ("depth", "n_embd", "n_head", "n_kv_head")
+
+
+# optimizer group keys -> the settings a user changes to move them
+_HYPER_NAMES = {"base_lr": "learning rates (max_lr / matrix_lr / lr_scaling)", "weight_decay": "weight_decay",
+                "betas": "AdamW betas", "momentum": "Muon momentum"}
+
+
+def _check_stage(ckpt, path, name):
+    other = ckpt.get("stage")
+    if other and other != name:
+        raise UserError(f"{path} is a {other} checkpoint; resuming continues a {name} run. To start {name} from it, "
+                        f"pass --pretrained_checkpoint={path} instead")
 
 
 def _sum_dtype(device):
@@ -67,10 +80,7 @@ class Stage:
                 raise UserError("resume=True needs --checkpoint_path=<ckpt file or run folder> (or --resume=<path>)")
             self.resume_path = resolve_checkpoint(c["checkpoint_path"], key="checkpoint_path")
             self.resume_ckpt = load_checkpoint(self.resume_path)
-            other = self.resume_ckpt.get("stage")
-            if other and other != name:
-                raise UserError(f"{self.resume_path} is a {other} checkpoint; --resume continues a {name} run. To start "
-                                f"{name} from it, pass --pretrained_checkpoint={self.resume_path} instead")
+            _check_stage(self.resume_ckpt, self.resume_path, name)
 
         # where this stage starts from: an earlier stage's checkpoint (mid, sft, dolly) or, for base, scratch
         # unless pretrained_checkpoint is given; both through the one resolve_checkpoint() rule
@@ -96,6 +106,10 @@ class Stage:
                                        permanent=c["permanent_checkpoints"], keep_best_n=c.get("keep_best_n", 0),
                                        is_master=self.is_master)
         if self.resume_path is not None:
+            existing = next(d for d in (self.ckpt_dir, *self.ckpt_dir.parents) if d.exists())
+            if self.is_master and not os.access(existing, os.W_OK):
+                raise UserError(f"{self.ckpt_dir} is not writable, so this run cannot save its checkpoints there; "
+                                f"resume into a new folder with --run_name=<new name> (or --out_dir=<folder>)")
             if self.ckpt_dir.resolve() != self.resume_path.parent.resolve() and self.ckpts.latest() is not None:
                 raise UserError(f"{self.ckpt_dir} already holds checkpoints of another run (newest: "
                                 f"{self.ckpts.latest().name}); resuming {self.resume_path} there would mix the two. "
@@ -107,6 +121,7 @@ class Stage:
                 print0(f"auto_resume: no complete checkpoint in {self.ckpt_dir} yet, starting a new run")
             else:
                 self.resume_ckpt = load_checkpoint(self.resume_path)
+                _check_stage(self.resume_ckpt, self.resume_path, name)
         elif self.ckpts.latest() is not None:
             raise UserError(f"{self.ckpt_dir} already holds checkpoints of an earlier run (newest: "
                             f"{self.ckpts.latest().name}). Continue it with --auto_resume=True, or start another run "
@@ -288,11 +303,13 @@ class Stage:
                                 f"run from it with --pretrained_checkpoint={self.resume_path}") from None
             changed = set()
             for group, hyper in zip(optim.param_groups, fresh):
-                changed |= {k for k, v in hyper.items() if k != "lr" and group.get(k) != v}
+                # keys the saved group lacks (another torch version's defaults) are not changes the user made
+                changed |= {k for k, v in hyper.items() if k != "lr" and k in group and group[k] != v}
                 group.update(hyper)
             if changed:
-                print0(f"resume: {', '.join(sorted(changed))} differ from the checkpoint's; this run's values apply "
-                       f"from step {ck['step']} on")
+                names = sorted({_HYPER_NAMES.get(k, k) for k in changed})
+                print0(f"resume: {', '.join(names)} differ from the checkpoint's; this run's values apply from "
+                       f"step {ck['step']} on")
             if scaler is not None and ck.get("scaler"):
                 scaler.load_state_dict(ck["scaler"])
             train_loader.load_state_dict(ck["loader"])

@@ -122,6 +122,33 @@ def test_rollback_sets_newer_checkpoints_aside_and_rotation_keeps_the_new_save(t
     assert m.set_aside_after(510) is None  # nothing newer: nothing moved
 
 
+def test_a_kill_during_set_aside_never_revives_the_abandoned_branch(tmp_path, monkeypatch):
+    m = CheckpointManager(tmp_path, keep_last_n=-1)
+    for s in (500, 600, 700, 800):
+        m.save(s, _state(s), {})
+    real, calls = os.replace, []
+
+    def killed_on_the_third_move(a, b):
+        calls.append(a)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # stands for SIGKILL: nothing after this runs
+        return real(a, b)
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed_on_the_third_move)
+    with pytest.raises(KeyboardInterrupt):
+        m.set_aside_after(500)
+    monkeypatch.setattr(checkpoint.os, "replace", real)
+    assert m.latest() == tmp_path / "ckpt_000500.pt"  # 700 and 800 are still here, but do not count
+    # the resumed run (auto_resume picks 500 again) finishes the job, and its own saves count once more
+    assert m.set_aside_after(500) is not None and sorted(m.complete()) == [500]
+    m.save(510, _state(510), {})
+    assert m.latest() == tmp_path / "ckpt_000510.pt"
+    # killed after the last move but before the end: the next call only clears the leftover intent
+    (tmp_path / checkpoint._SET_ASIDE).write_text("500", encoding="utf-8")
+    assert m.latest() == tmp_path / "ckpt_000500.pt"
+    assert m.set_aside_after(510) is None and m.latest() == tmp_path / "ckpt_000510.pt"
+
+
 def test_a_nan_val_loss_is_never_best(tmp_path):
     # eval_loss reports nan when no validation token was scored; the index must not call that the best
     m = CheckpointManager(tmp_path, keep_last_n=1, keep_best_n=1)

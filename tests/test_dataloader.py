@@ -396,6 +396,29 @@ def test_a_big_row_group_is_streamed_in_slices_with_the_same_stream_and_exact_re
     assert how.startswith("exact") and tokens == len(stream_of(docs, 1))
 
 
+def test_a_big_row_group_is_not_read_whole_into_memory(tmp_path, monkeypatch):
+    # iter_batches alone is not enough: with pyarrow's default pre-buffering it first loads the row group's whole
+    # (compressed) column, so memory would still grow with the row-group size. Arrow's own allocation counter
+    # shows what is held while the first slices are handed out.
+    monkeypatch.setattr(dataloader, "SLICE_ROWS", 64)
+    rng = np.random.default_rng(0)
+    # hex text does not compress much: ~32 MB in one row group (the reader's own buffers are ~5 MB whatever the size)
+    docs = [rng.bytes(1000).hex() for _ in range(16000)]
+    path = write_shard(tmp_path / "shard_00000.parquet", docs, row_group_size=len(docs))
+    size = path.stat().st_size
+    assert size > 16e6
+    info = dataloader._inspect_all([path])[0]
+    pf = dataloader._open(info)
+    slices = dataloader._iter_texts(pf, info, 0)
+    before = pa.total_allocated_bytes()
+    (first, a), (second, b) = next(slices), next(slices)
+    held = pa.total_allocated_bytes() - before
+    assert (first, second, a[0], b[0]) == (0, 64, docs[0], docs[64])
+    assert held < size / 4, f"{held / 1e6:.1f} MB held for two 64-row slices of a {size / 1e6:.1f} MB row group"
+    slices.close()
+    pf.close()
+
+
 # ---- sizes for the trainer ----
 
 def test_count_rows_and_estimate_tokens(corpus):

@@ -243,3 +243,12 @@ def test_eval_loss_is_nan_not_zero_when_no_token_is_trained(capsys):
     out = Stage.eval_loss(fake, model, Loader(torch.full((2, 8), -1)), 2, token_bytes=torch.ones(64))
     assert math.isnan(out["val_loss"]) and math.isnan(out["val_bpb"])
     assert "hold no trained token" in capsys.readouterr().out
+
+
+def test_a_flag_at_its_default_value_still_counts_as_the_users():
+    # --matrix_lr=0.02 (its default) must pin matrix_lr, so it does not follow a changed max_lr
+    g = {"max_lr": 0.004, "matrix_lr": 0.02, "total_batch_size": 1024, "__file__": "stage.py"}
+    _, user_set = common.load_config(dict(g), ["--max_lr=0.002", "--matrix_lr=0.02"])
+    assert user_set == {"max_lr", "matrix_lr"}
+    _, user_set = common.load_config(dict(g), ["--max_lr=0.002"])
+    assert user_set == {"max_lr"}
