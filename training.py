@@ -308,8 +308,12 @@ class Stage:
                 group.update(hyper)
             if changed:
                 names = sorted({_HYPER_NAMES.get(k, k) for k in changed})
-                print0(f"resume: {', '.join(names)} differ from the checkpoint's; this run's values apply from "
-                       f"step {ck['step']} on")
+                was = ck.get("config") or {}
+                diffs = [f"{k} {was[k]} -> {c[k]}" for k in ("max_lr", "matrix_lr", "lr_scaling", "weight_decay",
+                                                              "muon_momentum") if k in was and k in c and was[k] != c[k]]
+                print0(f"resume: {', '.join(names)} differ from the checkpoint's"
+                       f"{' (' + ', '.join(diffs) + ')' if diffs else ''}; this run's values apply from step "
+                       f"{ck['step']} on (pass the original run's flags again to keep its values)")
             if scaler is not None and ck.get("scaler"):
                 scaler.load_state_dict(ck["scaler"])
             train_loader.load_state_dict(ck["loader"])

@@ -183,7 +183,8 @@ def test_rollback_resume_with_a_lower_lr_goes_on_in_the_checkpoints_folder(tiny_
            env=env)
     assert (run / "ckpt_000008.pt").read_bytes() == first_final
     p = run_script("train_base.py", *args, f"--resume={run / 'ckpt_000004.pt'}", "--max_lr=0.001", env=env)
-    assert "moved to" in p.stdout and "learning rates (max_lr" in p.stdout, p.stdout[-3000:]
+    assert "moved to" in p.stdout and "learning rates (max_lr" in p.stdout and "max_lr 0.004 -> 0.001" in p.stdout, \
+        p.stdout[-3000:]
     aside = [d for d in run.iterdir() if d.is_dir() and d.name.startswith("set_aside_after_000004")]
     assert len(aside) == 1 and (aside[0] / "ckpt_000008.pt").read_bytes() == first_final
     assert 7 in read_metrics(aside[0])  # the abandoned curve is kept beside its checkpoints
