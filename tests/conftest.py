@@ -67,6 +67,37 @@ def run_script(script, *args, env=None, timeout=300, check=True):
     return p
 
 
+def latest_checkpoint(run_dir):
+    """The checkpoint file LATEST names in a run folder."""
+    run_dir = Path(run_dir)
+    return run_dir / (run_dir / "LATEST").read_text(encoding="utf-8").strip()
+
+
+def load_checkpoint_file(path):
+    import torch
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def metric_values(record):
+    """A metrics.jsonl record without its bookkeeping (kind, step, wall-clock time)."""
+    return {k: v for k, v in record.items() if k not in ("kind", "step", "time")}
+
+
+def assert_same_run(a, b, steps, final_eval=False):
+    """Two run folders ended in the same place: final step, bitwise weights, every logged loss (and, with
+    final_eval, the same final evaluation)."""
+    import torch
+    ca, cb = load_checkpoint_file(latest_checkpoint(a)), load_checkpoint_file(latest_checkpoint(b))
+    assert ca["step"] == cb["step"] == steps
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), f"weights differ at {k}"
+    la, lb = read_metrics(a), read_metrics(b)
+    assert sorted(la) == sorted(lb) == list(range(steps))
+    assert [la[s]["loss"] for s in la] == [lb[s]["loss"] for s in la]  # identical logged losses
+    if final_eval:
+        assert metric_values(read_metrics(a, "eval")[steps]) == metric_values(read_metrics(b, "eval")[steps])
+
+
 def read_metrics(run_dir, kind="train"):
     """{step: record} from a run's metrics.jsonl."""
     import json
@@ -110,8 +141,7 @@ class Pipeline:
 
     def latest(self, stage):
         """The final checkpoint file of a stage's run."""
-        run = self.runs[stage]
-        return run / (run / "LATEST").read_text(encoding="utf-8").strip()
+        return latest_checkpoint(self.runs[stage])
 
 
 def pipeline_env(base_dir):

@@ -13,21 +13,9 @@ import sys
 import pytest
 import torch
 
-from conftest import (start_script, wait_for_checkpoint, PIPELINE_MID, PIPELINE_SEQ_LEN, PIPELINE_SFT, REPO, SHARED, copy_pipeline, needs_shared,
-                      read_metrics, run_script)
-
-
-def _ckpt(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _latest(run_dir):
-    return run_dir / (run_dir / "LATEST").read_text(encoding="utf-8").strip()
-
-
-def _values(record):
-    """A metrics.jsonl record without its bookkeeping (kind, step, wall-clock time)."""
-    return {k: v for k, v in record.items() if k not in ("kind", "step", "time")}
+from conftest import (PIPELINE_MID, PIPELINE_SEQ_LEN, PIPELINE_SFT, REPO, SHARED, assert_same_run, copy_pipeline,
+                      latest_checkpoint, load_checkpoint_file, metric_values, needs_shared, read_metrics, run_script,
+                      start_script, wait_for_checkpoint)
 
 
 def _starts_from(stdout):
@@ -43,12 +31,12 @@ def test_base_mid_sft_each_find_the_previous_checkpoint(tiny_pipeline):
     assert _starts_from(p.stdout["mid"]) == str(p.latest("base"))
     assert _starts_from(p.stdout["sft"]) == str(p.latest("mid"))
     for stage, steps in (("mid", 10), ("sft", 40)):
-        ck = _ckpt(p.latest(stage))
+        ck = load_checkpoint_file(p.latest(stage))
         assert ck["stage"] == stage and ck["step"] == steps
         assert ck["tokenizer"]["name"] == "bytes"  # inherited from the base checkpoint, never passed again
-        assert ck["arch"] == _ckpt(p.latest("base"))["arch"]  # the shape comes from the checkpoint too
+        assert ck["arch"] == load_checkpoint_file(p.latest("base"))["arch"]  # the shape comes from the checkpoint too
         evals = read_metrics(p.runs[stage], "eval")
-        first, last = evals[0], _values(evals[steps])
+        first, last = evals[0], metric_values(evals[steps])
         # the built-in tasks' held-out accuracy is measured at every eval (acc_<task> and the overall acc)
         assert {"acc", "acc_spelling", "acc_count", "acc_arithmetic", "acc_identity"} <= set(last)
         assert all(math.isfinite(v) for v in last.values())
@@ -85,9 +73,9 @@ def test_pipeline_on_the_shared_data_files(tiny_pipeline, tmp_path):
             assert f"{data / name}.jsonl ({fmt}): " in out, (name, out[-3000:])
     assert _starts_from(mid) == str(p.latest("base"))
     mid_run, sft_run = p.base_dir / "mid_checkpoints" / "d2", p.base_dir / "chatsft_checkpoints" / "d2"
-    assert _starts_from(sft) == str(_latest(mid_run))
+    assert _starts_from(sft) == str(latest_checkpoint(mid_run))
     for run in (mid_run, sft_run):
-        assert _ckpt(_latest(run))["step"] == 4
+        assert load_checkpoint_file(latest_checkpoint(run))["step"] == 4
         assert all(math.isfinite(r["loss"]) for r in read_metrics(run).values())
         last = read_metrics(run, "eval")[4]
         assert math.isfinite(last["val_loss"]) and "acc_gsm8k" in last  # GSM8K test present: evaluated too
@@ -95,17 +83,6 @@ def test_pipeline_on_the_shared_data_files(tiny_pipeline, tmp_path):
 
 # ---- 2. SFT: SIGKILL, then --auto_resume=True, ends bitwise-identical to the uninterrupted run -------------------
 
-
-
-def _assert_same_run(a, b, steps):
-    ca, cb = _ckpt(_latest(a)), _ckpt(_latest(b))
-    assert ca["step"] == cb["step"] == steps
-    for k in ca["model"]:
-        assert torch.equal(ca["model"][k], cb["model"][k]), f"weights differ at {k}"
-    la, lb = read_metrics(a), read_metrics(b)
-    assert sorted(la) == sorted(lb) == list(range(steps))
-    assert [la[s]["loss"] for s in la] == [lb[s]["loss"] for s in la]  # identical logged losses
-    assert _values(read_metrics(a, "eval")[steps]) == _values(read_metrics(b, "eval")[steps])  # the same final eval
 
 
 @pytest.mark.slow
@@ -121,7 +98,7 @@ def test_sft_sigkill_then_auto_resume_is_bitwise_identical(tiny_pipeline, tmp_pa
     assert not (out / "ckpt_000040.pt").exists(), "the run finished before the kill; the test proves nothing"
     p = run_script("train_sft.py", *args, "--auto_resume=True", env=tiny_pipeline.env)
     assert "(resume, step " in p.stdout
-    _assert_same_run(tiny_pipeline.runs["sft"], out, 40)
+    assert_same_run(tiny_pipeline.runs["sft"], out, 40, final_eval=True)
 
 
 # ---- 3. two processes train like one with the same batch (examples per step for SFT, tokens for mid) -------------
@@ -149,7 +126,7 @@ def test_two_processes_match_one(stage, script, steps, batch_line, tiny_pipeline
     e1, e2 = read_metrics(tiny_pipeline.runs[stage], "eval")[steps], read_metrics(out, "eval")[steps]
     assert e2["val_loss"] == pytest.approx(e1["val_loss"], rel=1e-4)
     assert e2["acc"] == e1["acc"]  # the eval items are shared out over the ranks and the counts summed back
-    w1, w2 = _ckpt(_latest(tiny_pipeline.runs[stage]))["model"], _ckpt(_latest(out))["model"]
+    w1, w2 = load_checkpoint_file(latest_checkpoint(tiny_pipeline.runs[stage]))["model"], load_checkpoint_file(latest_checkpoint(out))["model"]
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5, msg=lambda m: f"{k}: {m}")
 
@@ -190,7 +167,7 @@ def test_sft_on_conversations_far_longer_than_max_seq_len_stays_finite(tiny_pipe
     assert any(x > 0.0 for x in losses)
     assert all(math.isfinite(r["grad_norm"]) for r in train.values() if "grad_norm" in r)
     assert all(math.isfinite(r["val_loss"]) for r in read_metrics(out, "eval").values())
-    ck = _ckpt(_latest(out))
+    ck = load_checkpoint_file(latest_checkpoint(out))
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
@@ -266,7 +243,7 @@ def test_mid_warns_when_max_seq_len_exceeds_the_base_run(tiny_pipeline, tmp_path
     base = tiny_pipeline.latest("base")
     assert (f"warning: max_seq_len={longer} exceeds the {PIPELINE_SEQ_LEN} tokens {base} was trained with"
             in p.stdout), p.stdout[-3000:]
-    assert _ckpt(_latest(tmp_path / "run"))["arch"]["max_seq_len"] == longer  # it trained at the longer length
+    assert load_checkpoint_file(latest_checkpoint(tmp_path / "run"))["arch"]["max_seq_len"] == longer  # it trained at the longer length
     # printed before train.log opened, and still in it: the log keeps everything the console showed
     log = (tmp_path / "run" / "train.log").read_text(encoding="utf-8")
     assert f"warning: max_seq_len={longer} exceeds the {PIPELINE_SEQ_LEN} tokens" in log, log[-3000:]

@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, SHARED, TINY, needs_shared, read_metrics, run_script, start_script, wait_for_checkpoint
+from conftest import (REPO, SHARED, TINY, assert_same_run, latest_checkpoint, load_checkpoint_file, needs_shared,
+                      read_metrics, run_script, start_script, wait_for_checkpoint)
 
 
 def _args(corpus, out, *extra, steps=12):
@@ -19,18 +20,7 @@ def _args(corpus, out, *extra, steps=12):
 
 
 def _final_weights(run_dir):
-    latest = (run_dir / "LATEST").read_text(encoding="utf-8").strip()
-    return torch.load(run_dir / latest, map_location="cpu", weights_only=True)
-
-
-def _assert_same_run(a, b, steps):
-    ca, cb = _final_weights(a), _final_weights(b)
-    assert ca["step"] == cb["step"] == steps
-    for k in ca["model"]:
-        assert torch.equal(ca["model"][k], cb["model"][k]), f"weights differ at {k}"
-    la, lb = read_metrics(a), read_metrics(b)
-    assert sorted(la) == sorted(lb) == list(range(steps))
-    assert [la[s]["loss"] for s in la] == [lb[s]["loss"] for s in la]  # identical logged losses
+    return load_checkpoint_file(latest_checkpoint(run_dir))
 
 
 def test_smoke_loss_falls_val_bpb_and_checkpoint(tiny_corpus, tmp_path):
@@ -74,7 +64,7 @@ def test_sigkill_then_auto_resume_is_bitwise_identical(dt, tiny_corpus, tmp_path
     assert not (out / "ckpt_000040.pt").exists(), "the run finished before the kill; the test proves nothing"
     p = run_script("train_base.py", *args, "--auto_resume=True")
     assert "(resume, step " in p.stdout
-    _assert_same_run(reference_runs[dt], out, 40)
+    assert_same_run(reference_runs[dt], out, 40)
 
 
 @pytest.mark.slow
@@ -90,7 +80,7 @@ def test_sigterm_saves_at_step_boundary_and_resumes_exactly(tiny_corpus, tmp_pat
     stopped = int((out / "LATEST").read_text(encoding="utf-8")[5:11])
     assert 5 <= stopped < 40
     run_script("train_base.py", *args, "--auto_resume=True")
-    _assert_same_run(reference_runs["float32"], out, 40)
+    assert_same_run(reference_runs["float32"], out, 40)
 
 
 def _torchrun(nproc, args):
