@@ -384,20 +384,18 @@ def work_quality(spec):
         val = [val_loader.next_batch() for _ in range(spec["eval_batches"])]
     dtype, ctx, scaler = precision(torch, dev, spec)
     if kind == "t4chat":
-        # the shipped recipe: train_base.py's defaults, read from the module so this follows any change there
+        # the shipped recipe: train_base.py's defaults, read from the module so this follows any change there,
+        # through the same Schedule the stages use (common.make_schedule), with max_steps = this run's steps
         import train_base as tb
-        optimizer = "muon" if spec["optimizer"] == "default" else spec["optimizer"]
-        opt = model.configure_optimizers(optimizer=optimizer, max_lr=tb.max_lr, matrix_lr=tb.matrix_lr,
-                                         weight_decay=tb.weight_decay)
-        peak_lr, final_lr = tb.max_lr, (tb.min_lr if tb.min_lr >= 0 else tb.max_lr / 10)
-        warmup = tb.warmup_steps if tb.warmup_steps >= 0 else int(round(max(0.0, tb.warmup_ratio) * steps))
-        clip = tb.grad_clip if tb.grad_clip > 0 else float("inf")
-
-        def lr_at(step):
-            return common.get_lr(step, max_lr=peak_lr, min_lr=final_lr, warmup_steps=warmup, max_steps=steps,
-                                 scheduler=tb.lr_scheduler, decay_lr=tb.decay_lr)
-        recipe = (f"{optimizer}, max_lr {peak_lr:g} (matrix_lr {tb.matrix_lr:g}), cosine to /10, warmup {warmup}, "
-                  f"wd {tb.weight_decay:g}, clip {tb.grad_clip:g}")
+        from trainer import with_shared_defaults
+        recipe = with_shared_defaults(dict(vars(tb)))
+        recipe.update(max_steps=steps, optimizer="muon" if spec["optimizer"] == "default" else spec["optimizer"])
+        sched = common.make_schedule(recipe, {"max_steps"}, default_lrs=(tb.max_lr, tb.matrix_lr))
+        opt = model.configure_optimizers(optimizer=recipe["optimizer"], max_lr=sched.peak_lr,
+                                         matrix_lr=sched.matrix_lr or tb.matrix_lr, weight_decay=tb.weight_decay)
+        peak_lr, clip = sched.peak_lr, recipe["grad_clip"] if recipe["grad_clip"] > 0 else float("inf")
+        lr_at = sched.lr
+        recipe = f"{recipe['optimizer']}, {sched.describe()}, wd {tb.weight_decay:g}, clip {recipe['grad_clip']:g}"
     else:
         opt = make_optimizer(model, kind, "adamw", dev)
         peak_lr, warmup, clip = nb.MAX_LR, int(round(nb.WARMUP_FRACTION * steps)), nb.GRAD_CLIP

@@ -6,17 +6,15 @@ Looping answers from a small model? Try --repetition_penalty=1.2 and/or --top_p=
 A base checkpoint gets plain text completion (no chat template); --mode=chat|complete overrides the choice.
 The answer goes to stdout; what was loaded and any notes go to stderr, so `-p` output pipes cleanly.
 """
-import json
 import sys
-from pathlib import Path
 
 import torch
 
 import common
-from checkpoint import STAGE_DIRS, load_model
+from checkpoint import load_model
 from common import UserError
 from configurator import apply_overrides
-from engine import StreamDecoder, check_sampling, consume, generate_stream, stop_ids_for
+from engine import StreamDecoder, check_sampling, consume, generate_stream
 
 # ---- config (module globals; override with --key=value; -h lists them) ---------------------------------------
 checkpoint = ""               # a ckpt_*.pt, a run folder, or a stage name (base|mid|sft|dolly); "" = newest sft
@@ -47,65 +45,13 @@ def _say(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def _for_chat(err: UserError) -> UserError:
-    # resolve_checkpoint/load_checkpoint speak to the training stages (--pretrained_checkpoint); the same
-    # input is called --checkpoint here
-    text = str(err).replace("--pretrained_checkpoint", "--checkpoint").replace("--checkpoint_path or ", "")
-    return UserError(text)
-
-
-def find_checkpoint(spec: str) -> str:
-    """The checkpoint to load. An explicit spec goes to checkpoint.resolve_checkpoint as is; the default ("")
-    is the newest SFT checkpoint, else the newest of the later fallbacks, saying which one it took."""
-    from checkpoint import resolve_checkpoint
-    if spec:
-        try:
-            return str(resolve_checkpoint(spec))
-        except UserError as e:
-            raise _for_chat(e) from None
-    looked = []
-    for stage in DEFAULT_STAGES:
-        try:
-            path = resolve_checkpoint(stage)
-        except UserError:
-            looked.append(str(common.base_dir() / STAGE_DIRS[stage]))
-            continue
-        if looked:
-            _say(f"note: no SFT checkpoint under {looked[0]}; using the newest {stage} checkpoint instead")
-        return str(path)
-    raise UserError(f"no checkpoint to chat with: looked in {', '.join(looked)} ($NANOCHAT_BASE_DIR="
-                    f"{common.base_dir()}). Train a stage first, or pass --checkpoint=<a ckpt_*.pt file, a run "
-                    f"folder, or a stage name: {'|'.join(STAGE_DIRS)}>")
-
-
-def checkpoint_stage(path) -> str | None:
-    """The stage that wrote a checkpoint: from its small .json marker, else from the file itself.
-    load_model does not return it, and loading the whole file twice would double the start-up time;
-    mmap only maps the tensors, so the fallback reads little more than the pickle."""
-    path = Path(path)
-    try:
-        return json.loads(path.with_suffix(".json").read_text(encoding="utf-8")).get("stage")
-    except (OSError, ValueError, AttributeError):
-        pass
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("stage")
-    except Exception:  # noqa: BLE001 - load_model already read it; an odd file just has no known stage
-        return None
-
-
 def load_for_chat(spec: str, dev: torch.device):
-    """(model in eval mode on dev, tokenizer, checkpoint path, stage or None); every failure is a UserError
-    that names the file."""
-    path = find_checkpoint(spec)
-    try:
-        model, tok, path = load_model(path, dev)
-    except UserError as e:
-        raise _for_chat(e) from None
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        # a .pt of another program: no 'arch'/'tokenizer' entry, or weights of another shape
-        raise UserError(f"checkpoint {path} cannot be used for chat ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}); pass --checkpoint=<a t4chat checkpoint>") from None
-    return model, tok, Path(path), checkpoint_stage(path)
+    """(model in eval mode on dev, tokenizer, checkpoint path, stage or None) through checkpoint.load_model, the
+    one loader; a note on stderr when the default fell back past SFT."""
+    model, tok, meta = load_model(spec, dev, default_stage=DEFAULT_STAGES, key="checkpoint")
+    for note in meta["notes"]:
+        _say(note)
+    return model, tok, meta["path"], meta["stage"]
 
 
 def use_chat_template(stage, mode: str) -> bool:
@@ -126,22 +72,20 @@ def use_chat_template(stage, mode: str) -> bool:
 def build_prompt(tok, history, user_text, *, system_prompt="", max_seq_len, reserve):
     """(prompt ids, number of leading history messages left out) for the next answer.
 
-    history holds the earlier turns, [user, assistant, user, assistant, ...]. tokenizer.render_for_completion
-    (the one rendering code path, the same SFT trains on) drops the oldest exchanges until the prompt leaves
+    history holds the earlier turns, [user, assistant, user, assistant, ...]. The tokenizer's chat format (the one
+    rendering code path, the same SFT trains on) drops the oldest exchanges until the prompt leaves
     `reserve` positions for the answer; the system prompt and the new message always stay. When the new
     message alone leaves less than `reserve`, it gets whatever room there is; when it does not fit at all,
     that is a UserError naming the sizes.
     """
-    from tokenizer import render_for_completion
+    fmt = tok.chat_format
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     new = [{"role": "user", "content": user_text}]
     try:
-        ids = render_for_completion(tok, system + list(history) + new, max_seq_len=max_seq_len - reserve)
+        ids = fmt.render_prompt(system + list(history) + new, max_seq_len=max_seq_len - reserve)
     except UserError:
-        ids = render_for_completion(tok, system + new, max_seq_len=max_seq_len)
-    # user text is encoded as ordinary text and can never produce a special token, so counting
-    # <|user_start|> counts the exchanges that were kept (plus the new message)
-    kept = ids.count(tok.special_id("<|user_start|>")) - 1
+        ids = fmt.render_prompt(system + new, max_seq_len=max_seq_len)
+    kept = fmt.user_turns(ids) - 1  # the exchanges that were kept (the new message is a user turn too)
     return ids, len(history) - 2 * kept
 
 
@@ -156,7 +100,7 @@ class ChatSession:
                              repetition_penalty=repetition_penalty)
         check_sampling(**self.sampling)
         self.generator, self.autocast = generator, autocast
-        self.stop_ids = stop_ids_for(tok, chat)
+        self.stop_ids = tok.chat_format.stop_ids(chat)
         self.history = []            # [{'role': 'user'|'assistant', 'content': str}, ...]
         self.last_prompt_ids = None  # what the model saw last, for tests and curious users
         self.last_dropped = 0        # exchanges the last answer had to leave out to fit max_seq_len
@@ -171,8 +115,8 @@ class ChatSession:
     def prompt_ids(self, user_text):
         """(ids, how many history messages had to go to fit them into max_seq_len)."""
         if not self.chat:
-            from tokenizer import render_plain_prompt  # the prefix finetune_dolly's plain template trains on
-            ids = render_plain_prompt(self.tok, user_text)
+            # the prefix finetune_dolly's plain template trains on
+            ids = self.tok.chat_format.render_plain_prompt(user_text)
             if len(ids) > self.max_seq_len:
                 raise UserError(f"the prompt is {len(ids)} tokens, more than the model's max_seq_len="
                                 f"{self.max_seq_len}; shorten it")

@@ -24,6 +24,7 @@ from configurator import UserError
 # stage name -> folder under $NANOCHAT_BASE_DIR, as the T4 guide documents them
 STAGE_DIRS = {"base": "checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
               "dolly": "dolly_checkpoints"}
+STAGE_TITLES = {"base": "base", "mid": "mid", "sft": "SFT", "dolly": "Dolly"}  # how messages name them
 _CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
 _SET_ASIDE = "SET_ASIDE"  # "<step>" while newer checkpoints are being moved aside (see set_aside_after)
 
@@ -240,7 +241,7 @@ class CheckpointManager:
         _atomic_write_text(self.dir / "checkpoints.json", json.dumps(index, indent=2))
 
 
-def load_checkpoint(path) -> dict:
+def load_checkpoint(path, key="checkpoint_path or --pretrained_checkpoint") -> dict:
     """Load with weights_only=True (no arbitrary code from a downloaded file); a clear error otherwise."""
     path = Path(path)
     if not path.exists():
@@ -249,10 +250,9 @@ def load_checkpoint(path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                        f"it may be truncated or not a t4chat checkpoint. Pick another with --checkpoint_path "
-                        f"or --pretrained_checkpoint") from None
+                        f"it may be truncated or not a t4chat checkpoint. Pick another with --{key}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise UserError(f"{path} is not a t4chat checkpoint (no 'model' entry)")
+        raise UserError(f"{path} is not a t4chat checkpoint (no 'model' entry); pick another with --{key}")
     ckpt["model"] = strip_prefixes(ckpt["model"])
     return ckpt
 
@@ -265,52 +265,106 @@ def check_arch(ckpt_arch: dict, arch: dict, path, fix: str):
         raise UserError(f"checkpoint {path} has another architecture: {', '.join(diff)}. {fix}")
 
 
-def resolve_checkpoint(spec: str, *, default_stage=None, key="pretrained_checkpoint") -> Path:
-    """Where a stage starts from (`pretrained_checkpoint`): a .pt file, a run directory (its newest), a stage
-    directory (its newest run), or a stage name (base, mid, sft, dolly). One function for every script."""
-    spec = (spec or default_stage or "").strip()
-    if not spec:
-        raise UserError(f"no checkpoint given; pass --{key}=<file, run dir or stage name>")
-    if spec.startswith("hf:"):
-        raise UserError(f"{spec}: loading Hugging Face checkpoints is not supported yet")
-    if spec in STAGE_DIRS:
-        where = base_dir() / STAGE_DIRS[spec]
-    else:
-        where = Path(spec).expanduser()
+def _newest_in(where: Path):
+    """The newest complete checkpoint of a run folder, or of the newest run in a stage folder; None if none."""
     if where.is_file():
         return where
-    if where.is_dir():
-        found = CheckpointManager(where).latest()
-        if found:
-            return found
-        runs = [CheckpointManager(d) for d in where.iterdir() if d.is_dir()]
-        runs = [(r.latest().stat().st_mtime, r.latest()) for r in runs if r.latest()]
-        if runs:
-            return max(runs)[1]
+    if not where.is_dir():
+        return None
+    found = CheckpointManager(where).latest()
+    if found:
+        return found
+    runs = [CheckpointManager(d).latest() for d in where.iterdir() if d.is_dir()]
+    runs = [(p.stat().st_mtime, p) for p in runs if p]
+    return max(runs)[1] if runs else None
+
+
+def resolve_checkpoint(spec: str, *, default_stage=None, key="pretrained_checkpoint", notes=None) -> Path:
+    """Where a stage starts from or a face loads: a .pt file, a run directory (its newest), a stage directory (its
+    newest run), or a stage name (base, mid, sft, dolly). One function for every script.
+
+    With no spec, default_stage decides: a stage name, or a tuple of them tried in order (chat.py: sft, else
+    dolly, mid, base; finetune_dolly.py: sft, else mid, else base). Taking a later one than the first appends a
+    sentence saying so to `notes` (a list), for the caller to show."""
+    spec = (spec or "").strip()
+    if spec.startswith("hf:"):
+        raise UserError(f"{spec}: loading Hugging Face checkpoints is not supported yet")
+    if not spec:
+        stages = (default_stage,) if isinstance(default_stage, str) else tuple(default_stage or ())
+        if not stages:
+            raise UserError(f"no checkpoint given; pass --{key}=<file, run dir or stage name>")
+        looked = []
+        for stage in stages:
+            found = _newest_in(base_dir() / STAGE_DIRS[stage])
+            if found is not None:
+                if looked and notes is not None:
+                    notes.append(f"note: no {STAGE_TITLES[stages[0]]} checkpoint under {looked[0]}; using the "
+                                 f"newest {STAGE_TITLES[stage]} checkpoint instead")
+                return found
+            looked.append(str(base_dir() / STAGE_DIRS[stage]))
+        raise UserError(f"no complete checkpoint found in {', '.join(looked)} ($NANOCHAT_BASE_DIR={base_dir()}). "
+                        f"Train that stage first, or pass --{key}=<a ckpt_*.pt file, a run folder, or a stage "
+                        f"name: {'|'.join(STAGE_DIRS)}>")
+    where = base_dir() / STAGE_DIRS[spec] if spec in STAGE_DIRS else Path(spec).expanduser()
+    found = _newest_in(where)
+    if found is not None:
+        return found
     looked = f"{where}" + (f" (stage '{spec}' under $NANOCHAT_BASE_DIR={base_dir()})" if spec in STAGE_DIRS else "")
     raise UserError(f"no complete checkpoint found at {looked}. Train that stage first, or pass "
                     f"--{key}=<a ckpt_*.pt file or a run directory>")
 
 
-def build_from_checkpoint(ckpt: dict, path, max_seq_len=None):
-    """The model and tokenizer a checkpoint describes, with its weights. The tokenizer is the one the
-    checkpoint recorded (by name), checked against its fingerprint so a changed vocabulary is refused.
-    max_seq_len may differ from training's: it only sizes the RoPE table, which holds no weights."""
-    from model import GPT, GPTConfig
+def checkpoint_tokenizer(recorded, path):
+    """The tokenizer a checkpoint recorded (tokenizer.describe()), checked against its fingerprint so a changed
+    vocabulary is refused. A save_bpe() folder is recorded by its absolute path; when that path is gone (the run
+    was moved, or copied to another machine, with its tokenizer), a folder of the same name beside the
+    checkpoint, beside its run folder or beside its stage folder is taken instead, if its fingerprint matches."""
     from tokenizer import check_compatible, get_tokenizer
-    arch = dict(ckpt["arch"])
-    if max_seq_len:
-        arch["max_seq_len"] = max_seq_len
-    tok = get_tokenizer(ckpt["tokenizer"]["name"])
-    check_compatible(ckpt["tokenizer"], tok, str(path))
-    model = GPT(GPTConfig(**arch))
-    model.load_state_dict(ckpt["model"])
+    if not isinstance(recorded, dict) or "name" not in recorded:
+        raise UserError(f"{path} records no tokenizer (got {recorded!r}); it was not written by t4chat")
+    name = recorded["name"]
+    candidates = [name]
+    if name not in ("gpt2", "bytes"):
+        here = Path(path).resolve().parent
+        candidates += [d / Path(name).name for d in (here, here.parent, here.parent.parent)]
+    for spec in candidates:
+        if spec in ("gpt2", "bytes") or Path(spec).exists():
+            tok = get_tokenizer(spec)
+            check_compatible(recorded, tok, str(path))
+            return tok
+    raise UserError(f"{path} was trained with the tokenizer folder {name}, which is not there (nor a folder "
+                    f"{Path(name).name} beside the checkpoint or its run folder); copy the tokenizer folder there, "
+                    f"or pass --tokenizer=<its new path>")
+
+
+def build_from_checkpoint(ckpt: dict, path, max_seq_len=None):
+    """The model and tokenizer a checkpoint describes, with its weights. max_seq_len may differ from training's:
+    it only sizes the RoPE table, which holds no weights."""
+    from model import GPT, GPTConfig
+    tok = checkpoint_tokenizer(ckpt.get("tokenizer"), path)
+    try:
+        arch = dict(ckpt["arch"])
+        if max_seq_len:
+            arch["max_seq_len"] = max_seq_len
+        model = GPT(GPTConfig(**arch))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        # a .pt of another program: no 'arch' entry, or weights of another shape
+        raise UserError(f"checkpoint {path} cannot be loaded as a t4chat model ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}); pick a checkpoint written by t4chat") from None
     return model, tok
 
 
-def load_model(spec: str, device="cpu", default_stage="sft"):
-    """For the faces (chat, eval, serve): (model in eval mode on `device`, tokenizer, checkpoint path)
-    from a file, run folder or stage name."""
-    path = resolve_checkpoint(spec, default_stage=default_stage)
-    model, tok = build_from_checkpoint(load_checkpoint(path), path)
-    return model.to(device).eval(), tok, path
+def load_model(spec: str, device="cpu", default_stage="sft", key="checkpoint"):
+    """The one way to load a model for inference (chat, finetune_dolly's start, the coming eval/serve/export):
+    (model in eval mode on `device`, tokenizer, meta) from a ckpt_*.pt, a run folder or a stage name; with no spec
+    the newest checkpoint of default_stage (a stage or a tuple tried in order, see resolve_checkpoint).
+    meta: path, stage (None when the file does not say), step, config, arch, and notes (sentences for the user:
+    which fallback stage was taken)."""
+    notes = []
+    path = resolve_checkpoint(spec, default_stage=default_stage, key=key, notes=notes)
+    ckpt = load_checkpoint(path, key=key)
+    model, tok = build_from_checkpoint(ckpt, path)
+    meta = {"path": path, "stage": ckpt.get("stage"), "step": ckpt.get("step"), "config": ckpt.get("config") or {},
+            "arch": model.config.arch_dict(), "notes": notes}
+    return model.to(device).eval(), tok, meta

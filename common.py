@@ -358,6 +358,52 @@ def resolve_schedule(*, max_steps, num_epochs, warmup_steps, warmup_ratio, user_
     return max_steps, warmup_steps
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The horizon and the learning rates of a run, resolved once from the config (make_schedule). lr(step) is
+    the rate in force at `step`; every optimizer group follows it in proportion to its own peak (base_lr):
+    group lr = base_lr * lr(step) / peak_lr."""
+    steps: int                  # optimizer steps
+    warmup: int                 # linear warmup steps
+    peak_lr: float              # max_lr after lr_scaling: the AdamW groups' peak
+    final_lr: float             # where the decay ends
+    matrix_lr: float = 0.0      # Muon's peak (follows max_lr, see make_schedule); 0 unless optimizer=muon
+    kind: str = "cosine"        # lr_scheduler
+    decay: bool = True          # decay_lr
+    restarts: int = 1           # lr_restarts (cosine_with_restarts)
+
+    def lr(self, step) -> float:
+        return get_lr(step, max_lr=self.peak_lr, min_lr=self.final_lr, warmup_steps=self.warmup,
+                      max_steps=self.steps, scheduler=self.kind, decay_lr=self.decay, restarts=self.restarts)
+
+    def describe(self) -> str:
+        return (f"{self.steps} steps, warmup {self.warmup}, lr {self.peak_lr:g} -> {self.final_lr:g} ({self.kind})"
+                + (f", Muon matrix_lr {self.matrix_lr:g}" if self.matrix_lr else ""))
+
+
+def make_schedule(c: dict, user_set, *, steps_per_epoch=None, default_steps=None, global_batch=1,
+                  reference_batch=1, default_lrs=(None, None)) -> Schedule:
+    """The Schedule a config asks for: max_steps | num_epochs, warmup_steps | warmup_ratio (resolve_schedule),
+    max_lr scaled by lr_scaling (a lr_reference_batch / lr_reference_examples > 0 replaces reference_batch), min_lr
+    (-1 = peak / 10). default_lrs are the script's (max_lr, matrix_lr) before overrides: Muon's matrix_lr follows
+    max_lr, so a user who lowers max_lr (the guides' "loss not falling: lower the learning rate") lowers every rate
+    in the model in proportion, unless matrix_lr is set as well; lr_scaling scales both alike."""
+    steps, warmup = resolve_schedule(
+        max_steps=c["max_steps"], num_epochs=c.get("num_epochs", -1), warmup_steps=c["warmup_steps"],
+        warmup_ratio=c["warmup_ratio"], user_set=user_set, steps_per_epoch=steps_per_epoch,
+        default_steps=default_steps)
+    given = c.get("lr_reference_batch", c.get("lr_reference_examples", -1))
+    peak = scale_lr(c["max_lr"], mode=c["lr_scaling"], global_batch=global_batch,
+                    reference_batch=given if given > 0 else reference_batch)
+    default_max, default_matrix = default_lrs
+    matrix = c.get("matrix_lr", default_matrix or 0.0) if c.get("optimizer") == "muon" else 0.0
+    if "max_lr" in user_set and "matrix_lr" not in user_set and default_max:
+        matrix *= c["max_lr"] / default_max
+    return Schedule(steps=steps, warmup=warmup, peak_lr=peak, final_lr=c["min_lr"] if c["min_lr"] >= 0 else peak / 10,
+                    matrix_lr=matrix * peak / c["max_lr"], kind=c["lr_scheduler"], decay=c["decay_lr"],
+                    restarts=c["lr_restarts"])
+
+
 # -----------------------------------------------------------------------------
 # MFU and memory
 
@@ -527,7 +573,8 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.log({f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
-    def step(self, step, max_steps, *, loss, lr, dt, tok_per_s, mfu, grad_norm, mem, extra=None):
+    def step(self, step, max_steps, *, loss, lr, dt, tok_per_s, mfu, grad_norm, mem, tokens=None, extra=None):
+        """tokens: processed since the run began (all ranks, across resumes), for plots of loss against tokens."""
         if not self.master:
             return
         width = len(str(max_steps))
@@ -538,7 +585,8 @@ class RunLogger:
             line += " | " + " | ".join(f"{k} {v}" for k, v in extra.items())
         self.print(line)
         self.record("train", step, {"loss": loss, "lr": lr, "dt": dt, "tok_per_s": tok_per_s, "mfu": mfu,
-                                    "grad_norm": grad_norm, **mem, **(extra or {})})
+                                    "grad_norm": grad_norm, **({"tokens": tokens} if tokens is not None else {}),
+                                    **mem, **(extra or {})})
 
     def close(self):
         global _log_file

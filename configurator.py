@@ -75,6 +75,7 @@ ALIASES = {
     "fp16": ("dtype",),
     "bf16": ("dtype",),
     "use_wandb": ("wandb_log",),
+    "lr_reference_batch": ("lr_reference_examples",),  # SFT and Dolly count examples, not tokens
 }
 
 # An extra sentence for the aliases whose meaning is not one-to-one with ours.
@@ -85,6 +86,8 @@ ALIAS_NOTES = {
     "target_examples_per_step": "it counts conversations per optimizer step over all GPUs = device_batch_size x "
                                 "accumulation x GPUs (device_batch_size=1 with accumulation 64 on one GPU is 64), "
                                 "and the accumulation follows from it",
+    "lr_reference_examples": "SFT and Dolly batches are counted in examples (conversations, rows), like "
+                             "target_examples_per_step; lr_reference_batch (tokens) belongs to train_base/train_mid",
     "mixture": "it lists the conversation files, e.g. --mixture=smol-smoltalk-6k.json or a,b:0.5 with weights",
 }
 
@@ -523,6 +526,8 @@ def help_text(g, keys=None):
     """The --help page: the script's docstring, then every key with its default and its comment."""
     keys = keys if keys is not None else config_keys(g)
     comments = _source_comments(g.get("__file__"))
+    for path in g.get("_help_files") or ():  # keys the script takes from elsewhere (trainer.with_shared_defaults)
+        comments |= {k: v for k, v in _source_comments(path).items() if k not in comments}
     order = [k for k in comments if k in keys] + sorted(k for k in keys if k not in comments)
     script = os.path.basename(g.get("__file__") or "script.py")
     lines = [(g.get("__doc__") or "").strip(), "",

@@ -1,8 +1,10 @@
 """engine.py: generation, the one place that turns a model and a prompt into tokens.
 
 Sampling (temperature, top-k, top-p, repetition penalty), KV-cache streaming generation and incremental
-UTF-8 decoding. chat.py, the evaluations in training.py and the later faces (serve, eval) all call these;
-none of them re-implements a sampling loop.
+UTF-8 decoding. chat.py, evaluate.py, train_base.py's samples and the later faces (serve, eval) all call these;
+none of them re-implements a sampling loop. One sampling vocabulary everywhere: max_tokens, temperature
+(0 = greedy), top_k (0 = off), top_p (1 = off), repetition_penalty (1 = off). What ends an answer comes from the
+tokenizer's chat format (tok.chat_format.stop_ids()).
 """
 import codecs
 import contextlib
@@ -10,8 +12,6 @@ import contextlib
 import torch
 
 from model import KVCache
-
-CHAT_STOPS = ("<|assistant_end|>", "<|bos|>", "<|user_start|>")  # end of turn; a new document or a made-up user turn
 
 # -----------------------------------------------------------------------------
 # sampling: one token from the logits of the last position
@@ -72,23 +72,6 @@ def check_sampling(*, max_tokens, temperature, top_k, top_p, repetition_penalty)
 # generation: prefill once, then one token per step through the KV cache
 
 
-def stop_ids_for(tok, chat: bool) -> set:
-    """Tokens that end an answer: the end of the assistant turn in chat; in completion a new document
-    (bos, which is GPT-2's <|endoftext|>)."""
-    if chat:
-        return {tok.special_id(name) for name in CHAT_STOPS}
-    return {tok.bos_id}
-
-
-@torch.no_grad()
-def _last_logits(model, x, cache, autocast):
-    # only the last position's logits: a 2048-token prefill through model(x) would build a (2048, 50304)
-    # float32 tensor (400 MB) for one row we use. model.generate() takes the same route through _hidden.
-    with autocast:
-        h = model._hidden(x, cache)
-        return model.lm_head(h[:, -1]).float()
-
-
 def generate_stream(model, tok, ids, *, max_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                     stop_ids=(), generator=None, autocast=None):
     """Yield the ids of an answer to the prompt `ids` (a list of ints) one at a time, as they are sampled.
@@ -117,7 +100,8 @@ def generate_stream(model, tok, ids, *, max_tokens, temperature=0.0, top_k=0, to
     x = torch.tensor([ids], dtype=torch.long, device=dev)
     n = 0
     while True:
-        logits = _last_logits(model, x, cache, autocast)
+        with torch.no_grad(), autocast:
+            logits = model.last_logits(x, cache)
         logits[:, tok.n_tokens:] = float("-inf")  # padding rows of the embedding: never trained, never text
         logits = apply_repetition_penalty(logits, seen, repetition_penalty)
         token = sample_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
@@ -132,6 +116,12 @@ def generate_stream(model, tok, ids, *, max_tokens, temperature=0.0, top_k=0, to
             return "context"
         seen[t] = True
         x = token.view(1, 1)
+
+
+def generate(model, tok, ids, **kw) -> tuple:
+    """(answer ids, finish reason): generate_stream run to its end, for callers that need no streaming."""
+    out = []
+    return out, consume(generate_stream(model, tok, ids, **kw), out.append)
 
 
 def consume(stream, on_token) -> str:

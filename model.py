@@ -1,15 +1,19 @@
-"""model.py: the t4chat GPT, a Llama-shaped decoder, plus its optimizer (Muon + AdamW).
+"""model.py: the t4chat GPT, a Llama-shaped decoder.
 
-Pure torch: no I/O, no globals, no device logic. Module names follow Hugging Face's
-LlamaForCausalLM one-to-one (HF key = "model." + our key, except lm_head), so export is a rename.
+Read top to bottom: the config, the building blocks (RMSNorm, RoPE, KV cache, attention, SwiGLU MLP, block),
+the GPT itself, and last the chunked cross-entropy its forward() uses for the loss. The optimizer (Muon +
+AdamW) is in optim.py, generation in engine.py. Pure torch: no I/O, no globals, no device logic. Module names
+follow Hugging Face's LlamaForCausalLM one-to-one (HF key = "model." + our key, except lm_head), so export is a
+rename.
 """
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.optim.adam import adam as adam_update  # torch's functional Adam/AdamW math
 from torch.utils.checkpoint import checkpoint
+
+from optim import MuonAdamW
 
 # -----------------------------------------------------------------------------
 # config
@@ -192,6 +196,155 @@ class Block(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# the model
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = cfg = config.resolved()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.depth)])
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # untied, as in Llama
+        # non-persistent: the state_dict holds exactly HF's keys; the table is rebuilt from config
+        cos, sin = rope_table(cfg.n_embd // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.gradient_checkpointing = False  # the trainer flips this; see _hidden
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """nanochat's scheme, which suits RMSNorm + Muon.
+
+        - embed_tokens ~ N(0, 1): an RMSNorm reads it first, so its scale only sets how strongly the
+          token identity stands in the residual stream next to the blocks' outputs.
+        - q/k/v/gate/up ~ N(0, 1/sqrt(n_embd)): unit-variance outputs for unit-RMS inputs.
+        - o_proj, down_proj = 0: every block starts as the identity; their gradients are non-zero
+          from step one, and the other matrices start learning once these move.
+        - lm_head ~ N(0, 0.001): logits start near 0, so the initial loss is ln(vocab_size).
+        """
+        cfg = self.config
+        nn.init.normal_(self.embed_tokens.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for layer in self.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                        layer.mlp.gate_proj, layer.mlp.up_proj):
+                nn.init.normal_(lin.weight, std=cfg.n_embd ** -0.5)
+            nn.init.zeros_(layer.self_attn.o_proj.weight)
+            nn.init.zeros_(layer.mlp.down_proj.weight)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    def _apply(self, fn, recurse=True):
+        # .half()/.to(bfloat16) would round the RoPE table and to_empty() (meta-device builds) would
+        # leave it uninitialised; the table is tiny, so after any such move we rebuild it in float32
+        super()._apply(fn, recurse)
+        cfg = self.config
+        self.rope_cos, self.rope_sin = rope_table(cfg.n_embd // cfg.n_head, cfg.max_seq_len,
+                                                  cfg.rope_theta, device=self.rope_cos.device)
+        return self
+
+    def _hidden(self, idx, kv_cache=None, pos_offset=0):
+        """Final-norm hidden states (B, T, C) for tokens at positions start .. start+T-1."""
+        T = idx.size(1)
+        start = kv_cache.pos if kv_cache is not None else pos_offset
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"positions {start}..{start + T - 1} exceed max_seq_len={self.config.max_seq_len} "
+                             f"(the RoPE table); use shorter inputs or a model with a larger max_seq_len")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.embed_tokens(idx)  # float32 even under autocast (embedding is not autocast)
+        # recompute each block in backward instead of storing its activations (memory for time)
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if use_ckpt and kv_cache is None:
+                # non-reentrant: works with DDP and with inputs that do not require grad
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return self.norm(x)
+
+    def forward(self, idx, targets=None, *, reduction="mean", loss_chunk_size=None, kv_cache=None, pos_offset=0):
+        """targets None -> float32 logits (B, T, V); else the loss ('mean' over non-ignored tokens,
+        'sum', or 'none' -> (B, T) with 0 at ignored positions). targets == -1 is ignored.
+        With a kv_cache, positions continue from kv_cache.pos and pos_offset is not used.
+        loss_chunk_size: rows of the flattened (B*T) batch per loss chunk (None = ~64 MB of float32 logits per chunk).
+        """
+        h = self._hidden(idx, kv_cache, pos_offset)
+        if targets is None:  # inference / analysis: the caller asked for the full logits
+            return self.lm_head(h).float()
+        loss = chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1),
+                                     reduction, loss_chunk_size)
+        return loss.view(targets.shape) if reduction == "none" else loss
+
+    def last_logits(self, idx, kv_cache=None):
+        """float32 logits (B, V) of the last position only: what generation samples from. A 2048-token prefill
+        through forward() would build a (2048, 50304) float32 tensor (400 MB) for the one row it needs."""
+        return self.lm_head(self._hidden(idx, kv_cache)[:, -1]).float()
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops_per_token(self) -> float:
+        """nanochat's estimate: 6 per weight that multiplies (the embedding is a lookup, lm_head counts)
+        plus 12 * L * H * head_dim * T for the attention scores and weighted sum at T = max_seq_len."""
+        cfg = self.config
+        n_matmul = self.num_params() - self.embed_tokens.weight.numel()
+        attn = 12 * cfg.depth * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.max_seq_len
+        return float(6 * n_matmul + attn)
+
+    # -------------------------------------------------------------------------
+    # optimizer
+
+    def configure_optimizers(self, optimizer="muon", max_lr=0.004, matrix_lr=0.02, weight_decay=0.0,
+                             betas=(0.9, 0.95), eps=1e-8, muon_momentum=0.95, ns_dtype=torch.float32):
+        """One torch.optim.Optimizer (optim.MuonAdamW, or torch's AdamW); every group carries 'base_lr', its
+        peak rate (the trainer sets group['lr'] = group['base_lr'] * the schedule's multiplier each step).
+
+        'muon': Muon (lr matrix_lr, weight_decay) for the attention/MLP matrices; AdamW (no weight
+        decay) for the rest, at max_lr * multiplier * (n_embd/768)^-0.5 (nanochat's rule: its LRs were
+        tuned at width 768, AdamW steps shrink as 1/sqrt(width)). Multipliers: lm_head 1, norms 1,
+        embed_tokens 50 (at max_lr 0.004 and width 768 that is nanochat's 0.004 and 0.2).
+        'adamw': torch AdamW at max_lr everywhere, weight decay on 2-D weights only.
+        """
+        named = list(self.named_parameters())  # a fixed order: optimizer state is saved by position
+        if optimizer == "adamw":
+            decay = [p for _, p in named if p.dim() >= 2]
+            no_decay = [p for _, p in named if p.dim() < 2]
+            groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+            for g in groups:
+                g.update(lr=max_lr, base_lr=max_lr)
+            # fused: one pass per tensor; on 2 CPU cores ~10x faster than the default for-loop
+            # (10 ms vs 100 ms per step at depth 4 / vocab 50304), same math, deterministic
+            fused = all(p.device.type in ("cpu", "cuda") for _, p in named)
+            return torch.optim.AdamW(groups, lr=max_lr, betas=betas, eps=eps, fused=fused)
+        if optimizer != "muon":
+            raise ValueError(f"optimizer={optimizer!r} is not known; use 'muon' or 'adamw'")
+        width_scale = (self.config.n_embd / 768) ** -0.5
+        # Muon is for hidden matrices only: for the embedding (a lookup) and lm_head (a classifier)
+        # Keller Jordan and nanochat found AdamW works better
+        matrices = [p for n, p in named if n.startswith("layers.") and p.dim() == 2]
+        norms = [p for n, p in named if p.dim() == 1]
+        adam = dict(kind="adamw", betas=betas, eps=eps, weight_decay=0.0)
+        groups = [
+            dict(kind="muon", params=matrices, base_lr=matrix_lr, momentum=muon_momentum,
+                 weight_decay=weight_decay),
+            dict(adam, params=[self.lm_head.weight], base_lr=max_lr * width_scale),
+            dict(adam, params=[self.embed_tokens.weight], base_lr=max_lr * 50 * width_scale),
+            dict(adam, params=norms, base_lr=max_lr * width_scale),
+        ]
+        for g in groups:
+            g["lr"] = g["base_lr"]
+        # a parameter missing from every group would silently never train
+        n_grouped = sum(len(g["params"]) for g in groups)
+        assert n_grouped == len(named), f"optimizer groups hold {n_grouped} of {len(named)} parameters"
+        return MuonAdamW(groups, ns_dtype=ns_dtype)
+
+# -----------------------------------------------------------------------------
 # chunked cross-entropy: the full (B*T, vocab) logits never exist at once
 
 # Default rows per chunk: 2**24 logits = 64 MB in float32 (333 rows at vocab 50304). Timed on
@@ -345,282 +498,3 @@ def chunked_cross_entropy(h, weight, targets, reduction="mean", chunk_rows=None)
     compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return ChunkedCrossEntropy.apply(h, weight, targets, reduction, chunk_rows, compute_dtype, need_grad)
-
-
-# -----------------------------------------------------------------------------
-# the model
-
-
-class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.config = cfg = config.resolved()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.depth)])
-        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # untied, as in Llama
-        # non-persistent: the state_dict holds exactly HF's keys; the table is rebuilt from config
-        cos, sin = rope_table(cfg.n_embd // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.gradient_checkpointing = False  # the trainer flips this; see _hidden
-        self.init_weights()
-
-    @torch.no_grad()
-    def init_weights(self):
-        """nanochat's scheme, which suits RMSNorm + Muon.
-
-        - embed_tokens ~ N(0, 1): an RMSNorm reads it first, so its scale only sets how strongly the
-          token identity stands in the residual stream next to the blocks' outputs.
-        - q/k/v/gate/up ~ N(0, 1/sqrt(n_embd)): unit-variance outputs for unit-RMS inputs.
-        - o_proj, down_proj = 0: every block starts as the identity; their gradients are non-zero
-          from step one, and the other matrices start learning once these move.
-        - lm_head ~ N(0, 0.001): logits start near 0, so the initial loss is ln(vocab_size).
-        """
-        cfg = self.config
-        nn.init.normal_(self.embed_tokens.weight, std=1.0)
-        nn.init.normal_(self.lm_head.weight, std=0.001)
-        for layer in self.layers:
-            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                        layer.mlp.gate_proj, layer.mlp.up_proj):
-                nn.init.normal_(lin.weight, std=cfg.n_embd ** -0.5)
-            nn.init.zeros_(layer.self_attn.o_proj.weight)
-            nn.init.zeros_(layer.mlp.down_proj.weight)
-        for m in self.modules():
-            if isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-
-    def _apply(self, fn, recurse=True):
-        # .half()/.to(bfloat16) would round the RoPE table and to_empty() (meta-device builds) would
-        # leave it uninitialised; the table is tiny, so after any such move we rebuild it in float32
-        super()._apply(fn, recurse)
-        cfg = self.config
-        self.rope_cos, self.rope_sin = rope_table(cfg.n_embd // cfg.n_head, cfg.max_seq_len,
-                                                  cfg.rope_theta, device=self.rope_cos.device)
-        return self
-
-    def _hidden(self, idx, kv_cache=None, pos_offset=0):
-        """Final-norm hidden states (B, T, C) for tokens at positions start .. start+T-1."""
-        T = idx.size(1)
-        start = kv_cache.pos if kv_cache is not None else pos_offset
-        if start + T > self.config.max_seq_len:
-            raise ValueError(f"positions {start}..{start + T - 1} exceed max_seq_len={self.config.max_seq_len} "
-                             f"(the RoPE table); use shorter inputs or a model with a larger max_seq_len")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        x = self.embed_tokens(idx)  # float32 even under autocast (embedding is not autocast)
-        # recompute each block in backward instead of storing its activations (memory for time)
-        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
-            if use_ckpt and kv_cache is None:
-                # non-reentrant: works with DDP and with inputs that do not require grad
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, kv_cache)
-        if kv_cache is not None:
-            kv_cache.pos += T
-        return self.norm(x)
-
-    def forward(self, idx, targets=None, *, reduction="mean", loss_chunk_size=None, kv_cache=None, pos_offset=0):
-        """targets None -> float32 logits (B, T, V); else the loss ('mean' over non-ignored tokens,
-        'sum', or 'none' -> (B, T) with 0 at ignored positions). targets == -1 is ignored.
-        With a kv_cache, positions continue from kv_cache.pos and pos_offset is not used.
-        loss_chunk_size: rows of the flattened (B*T) batch per loss chunk (None = ~64 MB of float32 logits per chunk).
-        """
-        h = self._hidden(idx, kv_cache, pos_offset)
-        if targets is None:  # inference / analysis: the caller asked for the full logits
-            return self.lm_head(h).float()
-        loss = chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1),
-                                     reduction, loss_chunk_size)
-        return loss.view(targets.shape) if reduction == "none" else loss
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def estimate_flops_per_token(self) -> float:
-        """nanochat's estimate: 6 per weight that multiplies (the embedding is a lookup, lm_head counts)
-        plus 12 * L * H * head_dim * T for the attention scores and weighted sum at T = max_seq_len."""
-        cfg = self.config
-        n_matmul = self.num_params() - self.embed_tokens.weight.numel()
-        attn = 12 * cfg.depth * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.max_seq_len
-        return float(6 * n_matmul + attn)
-
-    # -------------------------------------------------------------------------
-    # optimizer
-
-    def configure_optimizers(self, optimizer="muon", max_lr=0.004, matrix_lr=0.02, weight_decay=0.0,
-                             betas=(0.9, 0.95), eps=1e-8, muon_momentum=0.95, ns_dtype=torch.float32):
-        """One torch.optim.Optimizer; every group carries 'base_lr' (the trainer sets
-        group['lr'] = group['base_lr'] * lr_multiplier each step).
-
-        'muon': Muon (lr matrix_lr, weight_decay) for the attention/MLP matrices; AdamW (no weight
-        decay) for the rest, at max_lr * multiplier * (n_embd/768)^-0.5 (nanochat's rule: its LRs were
-        tuned at width 768, AdamW steps shrink as 1/sqrt(width)). Multipliers: lm_head 1, norms 1,
-        embed_tokens 50 (at max_lr 0.004 and width 768 that is nanochat's 0.004 and 0.2).
-        'adamw': torch AdamW at max_lr everywhere, weight decay on 2-D weights only.
-        """
-        named = list(self.named_parameters())  # a fixed order: optimizer state is saved by position
-        if optimizer == "adamw":
-            decay = [p for _, p in named if p.dim() >= 2]
-            no_decay = [p for _, p in named if p.dim() < 2]
-            groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-            for g in groups:
-                g.update(lr=max_lr, base_lr=max_lr)
-            # fused: one pass per tensor; on 2 CPU cores ~10x faster than the default for-loop
-            # (10 ms vs 100 ms per step at depth 4 / vocab 50304), same math, deterministic
-            fused = all(p.device.type in ("cpu", "cuda") for _, p in named)
-            return torch.optim.AdamW(groups, lr=max_lr, betas=betas, eps=eps, fused=fused)
-        if optimizer != "muon":
-            raise ValueError(f"optimizer={optimizer!r} is not known; use 'muon' or 'adamw'")
-        width_scale = (self.config.n_embd / 768) ** -0.5
-        # Muon is for hidden matrices only: for the embedding (a lookup) and lm_head (a classifier)
-        # Keller Jordan and nanochat found AdamW works better
-        matrices = [p for n, p in named if n.startswith("layers.") and p.dim() == 2]
-        norms = [p for n, p in named if p.dim() == 1]
-        adam = dict(kind="adamw", betas=betas, eps=eps, weight_decay=0.0)
-        groups = [
-            dict(kind="muon", params=matrices, base_lr=matrix_lr, momentum=muon_momentum,
-                 weight_decay=weight_decay),
-            dict(adam, params=[self.lm_head.weight], base_lr=max_lr * width_scale),
-            dict(adam, params=[self.embed_tokens.weight], base_lr=max_lr * 50 * width_scale),
-            dict(adam, params=norms, base_lr=max_lr * width_scale),
-        ]
-        for g in groups:
-            g["lr"] = g["base_lr"]
-        # a parameter missing from every group would silently never train
-        n_grouped = sum(len(g["params"]) for g in groups)
-        assert n_grouped == len(named), f"optimizer groups hold {n_grouped} of {len(named)} parameters"
-        return MuonAdamW(groups, ns_dtype=ns_dtype)
-
-    # -------------------------------------------------------------------------
-    # sampling
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
-        """Append max_new_tokens sampled tokens to idx (B, T). temperature 0 = greedy.
-        With use_cache the prompt is run once and each step feeds one token."""
-        T0 = idx.size(1)
-        if T0 + max_new_tokens > self.config.max_seq_len:
-            raise ValueError(f"prompt {T0} + max_new_tokens {max_new_tokens} exceeds max_seq_len="
-                             f"{self.config.max_seq_len}; shorten the prompt or ask for fewer tokens")
-        cache = KVCache(self.config.depth, T0 + max_new_tokens) if use_cache else None
-        for _ in range(max_new_tokens):
-            # first step (or no cache): the whole sequence; then only the token we just sampled
-            x = idx if cache is None or cache.pos == 0 else idx[:, -1:]
-            h = self._hidden(x, cache)
-            logits = self.lm_head(h[:, -1]).float()  # only the last position is needed
-            idx = torch.cat((idx, sample_next(logits, temperature, top_k, generator)), dim=1)
-        return idx
-
-
-def sample_next(logits, temperature=1.0, top_k=None, generator=None):
-    """One token id per row of logits (B, V) -> (B, 1)."""
-    if temperature == 0:  # greedy; also what evals want for reproducible answers
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = logits.masked_fill(logits < v[:, -1:], float("-inf"))  # ties at the k-th value stay in
-    probs = F.softmax(logits, dim=-1)
-    # a caller-owned generator makes sampling reproducible without touching the global RNG
-    return torch.multinomial(probs, 1, generator=generator)
-
-
-# -----------------------------------------------------------------------------
-# Muon + AdamW in one optimizer
-
-
-def zeropower_via_newtonschulz5(G, steps=5, dtype=torch.float32):
-    """Approximately orthogonalise a matrix G (U S V^T -> ~U V^T), Keller Jordan's quintic iteration.
-
-    The coefficients (3.4445, -4.7750, 2.0315) push singular values towards ~[0.7, 1.2] fast
-    rather than to exactly 1, which is all Muon needs. bfloat16 is safe here on GPUs.
-    """
-    a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.to(dtype)
-    tall = X.size(-2) > X.size(-1)
-    if tall:  # iterate on the wide side: X @ X^T is then the smaller Gram matrix
-        X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
-        A = X @ X.mT
-        B = torch.addmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A, fused into the matmul
-        X = torch.addmm(X, B, X, beta=a)           # a*X + B@X
-    return X.mT if tall else X
-
-
-class MuonAdamW(torch.optim.Optimizer):
-    """Groups with kind='muon' get Muon (Nesterov momentum, then Newton-Schulz), kind='adamw' get AdamW.
-
-    One object, so GradScaler.unscale_/step, state_dict/load_state_dict and the LR schedule see one
-    optimizer. Under DDP the wrapper has already averaged the gradients, so every rank computes
-    the same update without extra collectives. ns_dtype is a runtime choice (bfloat16 only on
-    GPUs with bf16 hardware), so it lives on the object, not in the saved param groups.
-    """
-
-    def __init__(self, param_groups, ns_dtype=torch.float32):
-        # every key any group may use, so load_state_dict and the trainer find them on all groups
-        defaults = dict(lr=0.0, base_lr=0.0, kind="adamw", weight_decay=0.0, betas=(0.9, 0.95),
-                        eps=1e-8, momentum=0.95, nesterov=True, ns_steps=5)
-        super().__init__(param_groups, defaults)
-        self.ns_dtype = ns_dtype
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            if group["kind"] == "muon":
-                self._muon_step(group)
-            else:
-                self._adamw_step(group)
-        return loss
-
-    def _muon_step(self, group):
-        lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - mom)  # EMA of gradients
-            # Nesterov: look ahead along the momentum, as in Keller Jordan's and nanochat's Muon
-            g = p.grad.lerp(buf, mom) if group["nesterov"] else buf
-            u = zeropower_via_newtonschulz5(g, group["ns_steps"], self.ns_dtype)
-            if wd:  # decoupled, scaled by lr like AdamW's, so the schedule also anneals it
-                p.mul_(1 - lr * wd)
-            # NS gives unit spectral norm; tall matrices get sqrt(rows/cols) so their per-entry
-            # update size matches square ones (Keller Jordan's scaling)
-            p.add_(u.to(p.dtype), alpha=-lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
-
-    def _adamw_step(self, group):
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0, device=p.device)  # a tensor, as torch's adam expects
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-            elif state["step"].device != p.device:
-                # load_state_dict moves exp_avg* to the param's device but leaves 'step' where it was
-                # saved; the fused kernel wants it next to the param
-                state["step"] = state["step"].to(p.device)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        if not params:
-            return
-        beta1, beta2 = group["betas"]
-        # torch's own AdamW math (decoupled decay). The fused kernel makes one pass over each
-        # tensor: on 2 CPU cores it updates 26M embedding+lm_head weights in ~10 ms vs ~100 ms
-        fused = all(p.device.type in ("cpu", "cuda") for p in params)
-        adam_update(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=fused, foreach=not fused,
-                    decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2,
-                    lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)

@@ -3,6 +3,7 @@
     tok = get_tokenizer('gpt2')          # or 'bytes', or a folder written by save_bpe(); cached per spec
     ids = tok.encode("Hello world")      # [15496, 995]: ordinary text, special tokens are never parsed
     tok.special_id('<|assistant_end|>')  # chat markers live after the text vocabulary
+    tok.chat_format.render(messages)     # a conversation -> (ids, loss mask): chat_format.py
 
 The chat special tokens follow the text vocabulary, and vocab_size is padded up to a multiple of 64 (the model's
 embedding size). Nothing here knows about checkpoints or processes; check_compatible() compares two describe()
@@ -20,6 +21,7 @@ from pathlib import Path
 import tiktoken
 import torch
 
+from chat_format import T4ChatFormat
 from configurator import UserError
 
 SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
@@ -48,7 +50,7 @@ _UNKNOWN = "\ufffd".encode("utf-8")  # what an id outside the vocabulary (paddin
 
 class Tokenizer:
     """Text <-> ids. Subclasses supply encode, encode_batch and a fast decode_bytes; the rest is shared."""
-    name: str            # 'gpt2' | 'bytes' | the path given
+    name: str            # 'gpt2' | 'bytes' | the absolute path of a save_bpe() folder
     vocab_size: int      # padded up to a multiple of 64 (model's embedding size)
     n_tokens: int        # real tokens (unpadded)
     bos_id: int
@@ -69,6 +71,9 @@ class Tokenizer:
         self.bos_id = specials[BOS]
         self._fingerprint = None
         self._token_bytes = None
+        # how a conversation becomes ids (chat_format.py): every vocabulary with our chat specials uses our
+        # template; a tokenizer brought from elsewhere (Hugging Face, ChatML) will bring its own format
+        self.chat_format = T4ChatFormat(self)
 
     def __repr__(self):
         return f"Tokenizer({self.name!r}, n_tokens={self.n_tokens}, vocab_size={self.vocab_size})"
@@ -384,7 +389,9 @@ def _load_bpe_folder(spec: str, path: Path) -> Tokenizer:
         raise UserError(f"tokenizer={spec}: {folder / ranks_name} does not match the sha256 in {CONFIG_FILE} "
                         f"(truncated or replaced?); save the tokenizer again with tokenizer.save_bpe()")
     ranks = _parse_ranks(data, folder / ranks_name)
-    return BpeTokenizer(spec, ranks, pattern, _appended_specials(len(ranks)))
+    # named by the folder's absolute path: checkpoints record the name, and `--tokenizer=tok` typed in one folder
+    # must still be found by chat.py run from another (checkpoint.find_tokenizer also looks beside a moved run)
+    return BpeTokenizer(str(folder.resolve()), ranks, pattern, _appended_specials(len(ranks)))
 
 
 def _parse_ranks(data: bytes, path: Path) -> dict[bytes, int]:
@@ -450,138 +457,3 @@ def check_compatible(recorded: dict, tok: Tokenizer, where: str):
             f"fingerprint {recorded['fingerprint']}), but this run uses {tok.name!r} (vocab_size="
             f"{now['vocab_size']}, fingerprint {now['fingerprint']}); pass --tokenizer={recorded.get('name')} "
             f"or start from a checkpoint made with {tok.name!r}")
-
-
-# ---- chat rendering: a conversation -> ids + loss mask (training) or a prompt (generation) ----
-#
-# Layout (one code path for training and generation, so a prompt is always a prefix of a training example):
-#   <|bos|> [<|system_start|> system <|system_end|>]
-#   { <|user_start|> user <|user_end|> <|assistant_start|> assistant <|assistant_end|> } per exchange
-# The mask is 1 on assistant content and its <|assistant_end|> (the model must learn to stop), 0 elsewhere:
-# bos, the system turn, user turns and every other special token, including <|assistant_start|>, which the
-# prompt supplies at generation time. A loader turns mask 0 into target -1 (no loss).
-
-def _split_conversation(messages) -> tuple:
-    """(system or None, [(user, assistant), ...], trailing user or None). ValueError if the roles are out of order.
-
-    Readers in conversations.py normalise files into this shape; the check is for conversations built by hand
-    (chat.py's history, a test), where a wrong order would silently train on the wrong tokens.
-    """
-    system, pairs, user = None, [], None
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise ValueError(f"conversation message {i} must be a dict with a string 'content', got {m!r:.80}")
-        role = m.get("role")
-        expected = "user" if user is None else "assistant"
-        if role == "system" and i == 0:
-            system = m["content"]
-        elif role == expected == "user":
-            user = m["content"]
-        elif role == expected == "assistant":
-            pairs.append((user, m["content"]))
-            user = None
-        else:
-            raise ValueError(f"conversation message {i} has role {role!r} where {expected!r} was expected; a "
-                             f"conversation is an optional system message, then user/assistant turns alternating")
-    return system, pairs, user
-
-
-def _render_parts(tok, system, pairs, user=None):
-    """ids, mask and the end of the header and of each exchange (the turn boundaries we may cut at)."""
-    sp = tok.special_id
-    ids, mask = [tok.bos_id], [0]
-    if system is not None:
-        part = [sp("<|system_start|>")] + tok.encode(system) + [sp("<|system_end|>")]
-        ids += part
-        mask += [0] * len(part)
-    ends = [len(ids)]  # ends[0]: the header; ends[k]: after exchange k
-    for u, a in pairs:
-        prompt = [sp("<|user_start|>")] + tok.encode(u) + [sp("<|user_end|>"), sp("<|assistant_start|>")]
-        answer = tok.encode(a) + [sp("<|assistant_end|>")]
-        ids += prompt + answer
-        mask += [0] * len(prompt) + [1] * len(answer)
-        ends.append(len(ids))
-    if user is not None:
-        prompt = [sp("<|user_start|>")] + tok.encode(user) + [sp("<|user_end|>"), sp("<|assistant_start|>")]
-        ids += prompt
-        mask += [0] * len(prompt)
-    return ids, mask, ends
-
-
-def render_conversation(tok, messages, *, max_seq_len=None, max_rounds=-1):
-    """(ids, mask) for training, or None when no trained token is left (the caller counts those drops).
-
-    max_rounds keeps the first N user/assistant exchanges (-1 = all; the 8 GB guide uses 6 to 8). With
-    max_seq_len, the result has at most max_seq_len + 1 tokens (one window: x = ids[:-1], y = ids[1:]): whole
-    later exchanges are dropped, and only when even the first exchange does not fit are its tokens cut
-    mid-answer. A trailing user message with no answer is ignored (nothing in it is trained).
-    """
-    if max_rounds == 0 or max_rounds < -1:
-        raise ValueError(f"max_rounds must be -1 (all) or >= 1, got {max_rounds}")
-    system, pairs, _ = _split_conversation(messages)
-    if max_rounds > 0:
-        pairs = pairs[:max_rounds]
-    limit = None if max_seq_len is None else max_seq_len + 1
-    if limit is not None:
-        # Render exchange by exchange and stop at the first one that overflows: a 20k-character ShareGPT chat
-        # at max_seq_len=256 then costs one exchange of encoding, not the whole conversation.
-        ids, mask, ends = _render_parts(tok, system, [])
-        for pair in pairs:
-            more_ids, more_mask, _ = _render_parts(tok, None, [pair])
-            ids, mask = ids + more_ids[1:], mask + more_mask[1:]  # [1:]: the part's own bos
-            ends.append(len(ids))
-            if len(ids) > limit:
-                break
-        if len(ids) > limit:
-            fits = [e for e in ends[1:] if e <= limit]
-            cut = fits[-1] if fits else limit  # a turn boundary if any exchange fits, else mid-answer
-            ids, mask = ids[:cut], mask[:cut]
-    else:
-        ids, mask, _ = _render_parts(tok, system, pairs)
-    if not any(mask):
-        return None
-    return ids, mask
-
-
-def render_for_completion(tok, messages, *, max_seq_len=None) -> list[int]:
-    """The prompt for generating the next assistant turn: ends with <|assistant_start|>; the last message must
-    be the user's. Token for token the prefix that render_conversation() gives once the answer is appended.
-
-    With max_seq_len (the room left for the prompt), the oldest whole exchanges are dropped until it fits
-    (the system message stays); if the last user message alone is too long, that is a UserError.
-    """
-    system, pairs, user = _split_conversation(messages)
-    if user is None:
-        raise ValueError("render_for_completion: the last message must be the user's (the one to answer)")
-    ids, _, ends = _render_parts(tok, system, pairs, user)
-    if max_seq_len is not None and len(ids) > max_seq_len:
-        header, first_kept = ends[0], None
-        for k in range(1, len(ends)):  # drop exchanges 1..k
-            if len(ids) - (ends[k] - header) <= max_seq_len:
-                first_kept = ends[k]
-                break
-        if first_kept is None:
-            raise UserError(f"the prompt is {len(ids) - (ends[-1] - header)} tokens even without earlier turns, "
-                            f"more than the {max_seq_len} that fit; shorten the message (or clear the system "
-                            f"prompt)")
-        ids = ids[:header] + ids[first_kept:]
-    return ids
-
-
-def render_plain(tok, prompt: str, response: str, *, max_seq_len=None):
-    """(ids, mask) for a plain-text template (finetune_dolly's prompt_format='alpaca', for base checkpoints):
-    <|bos|> prompt response <|bos|>, loss on the response and the closing bos. A base model saw bos between
-    pretraining documents, so predicting it is how it learns to stop. Longer than max_seq_len + 1: the
-    response is cut at the end; None when none of it is left."""
-    ids = render_plain_prompt(tok, prompt)
-    answer = tok.encode(response) + [tok.bos_id]
-    mask = [0] * len(ids) + [1] * len(answer)
-    ids = ids + answer
-    if max_seq_len is not None:
-        ids, mask = ids[:max_seq_len + 1], mask[:max_seq_len + 1]
-    return (ids, mask) if any(mask) else None
-
-
-def render_plain_prompt(tok, prompt: str) -> list[int]:
-    """The generation prompt for render_plain(): the same prefix."""
-    return [tok.bos_id] + tok.encode(prompt)

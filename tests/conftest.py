@@ -55,13 +55,14 @@ TINY = ["--tokenizer=bytes", "--depth=2", "--n_embd=64", "--max_seq_len=64", "--
         "--device=cpu", "--compile=False", "--sample_every=-1", "--eval_tokens=1024"]
 
 
-def run_script(script, *args, env=None, timeout=300, check=True):
-    """Run a stage script in a fresh process (what a user does) and return the CompletedProcess."""
+def run_script(script, *args, env=None, timeout=300, check=True, repo=REPO):
+    """Run a stage script in a fresh process (what a user does) and return the CompletedProcess. repo: the
+    folder the script is in and runs from (a copy of the repo, for a test that edits scripts)."""
     import subprocess
     e = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     e.pop("TIKTOKEN_CACHE_DIR", None)
-    p = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
-                       env=e, timeout=timeout, cwd=REPO)
+    p = subprocess.run([sys.executable, str(repo / script), *map(str, args)], capture_output=True, text=True,
+                       env=e, timeout=timeout, cwd=repo)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} exited {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}")
     return p
@@ -94,6 +95,7 @@ def assert_same_run(a, b, steps, final_eval=False):
     la, lb = read_metrics(a), read_metrics(b)
     assert sorted(la) == sorted(lb) == list(range(steps))
     assert [la[s]["loss"] for s in la] == [lb[s]["loss"] for s in la]  # identical logged losses
+    assert [la[s]["tokens"] for s in la] == [lb[s]["tokens"] for s in la]  # the cumulative count goes on too
     if final_eval:
         assert metric_values(read_metrics(a, "eval")[steps]) == metric_values(read_metrics(b, "eval")[steps])
 
@@ -182,11 +184,11 @@ def copy_pipeline(pipeline, dest, stages=("base", "mid", "sft")):
 
 # ---- killing a run mid-way (the resume tests of every stage) ---------------------------------------------------
 
-def start_script(script, *args, env=None):
+def start_script(script, *args, env=None, repo=REPO):
     """A stage script in the background (stdout and stderr together), to be killed mid-run."""
     import subprocess
     e = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=e,
+    return subprocess.Popen([sys.executable, str(repo / script), *map(str, args)], cwd=repo, env=e,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

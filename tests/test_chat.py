@@ -13,7 +13,7 @@ from checkpoint import STAGE_DIRS, CheckpointManager
 from common import UserError
 from conftest import REPO
 from model import GPT, GPTConfig
-from tokenizer import get_tokenizer, render_for_completion
+from tokenizer import get_tokenizer
 
 TOK = get_tokenizer("bytes")
 END = TOK.special_id("<|assistant_end|>")
@@ -75,7 +75,7 @@ def stream(model, ids, **kw):
 
 def test_stream_with_kv_cache_equals_no_cache_greedy():
     model = tiny_model()
-    ids = render_for_completion(TOK, [{"role": "user", "content": "hello there"}])
+    ids = TOK.chat_format.render_prompt([{"role": "user", "content": "hello there"}])
     out, reason = stream(model, ids, max_tokens=24)
     assert reason == "length"
     assert out == greedy_reference(model, ids, 24)
@@ -121,7 +121,7 @@ def test_repetition_penalty_spares_the_stop_token():
     model = tiny_model()
     with torch.no_grad():
         model.lm_head.weight[END] = model.lm_head.weight[:256].sum(0)
-    ids = render_for_completion(TOK, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+    ids = TOK.chat_format.render_prompt([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
                                       {"role": "user", "content": "hi"}])
     assert END in ids
     assert stream(model, ids, stop_ids={END})[1] == "stop"  # sanity: it stops without the penalty
@@ -186,12 +186,12 @@ def test_interactive_session_keeps_the_history_and_clear_resets_it():
     chat.interactive(session, read=lambda _label: next(lines), out=out)
     assert len(prompts) == 3
     msgs_1 = [{"role": "user", "content": "hello"}]
-    assert prompts[0] == render_for_completion(TOK, msgs_1)
+    assert prompts[0] == TOK.chat_format.render_prompt(msgs_1)
     answer_1 = out.getvalue().split("Assistant: ")[1].split("\n")[0]
     msgs_2 = msgs_1 + [{"role": "assistant", "content": answer_1}, {"role": "user", "content": "and then?"}]
-    assert prompts[1] == render_for_completion(TOK, msgs_2)   # the second prompt carries the first exchange
+    assert prompts[1] == TOK.chat_format.render_prompt(msgs_2)   # the second prompt carries the first exchange
     assert prompts[1][:len(prompts[0])] == prompts[0]
-    assert prompts[2] == render_for_completion(TOK, [{"role": "user", "content": "fresh start"}])  # after /clear
+    assert prompts[2] == TOK.chat_format.render_prompt([{"role": "user", "content": "fresh start"}])  # after /clear
     assert "[history cleared]" in out.getvalue()
     assert [m["content"] for m in session.history][0] == "fresh start"
 

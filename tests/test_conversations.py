@@ -11,8 +11,8 @@ import pytest
 import conversations as cv
 from configurator import UserError
 from conftest import SHARED, needs_shared
-from conversations import (BUILTIN_TASKS, Mixture, builtin_examples, check_answer, parse_mixture,
-                           plain_prompt, read_conversations, read_records)
+from conversations import Mixture, parse_mixture, plain_prompt, read_conversations, read_records
+from tasks import BUILTIN_TASKS, builtin_examples, check_answer
 
 
 def msg(role, content):

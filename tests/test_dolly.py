@@ -226,7 +226,7 @@ def test_bad_files_fail_with_a_clear_message(tiny_base, tmp_path):
 
 def test_split_is_stratified_stable_and_world_size_free(tmp_path, monkeypatch):
     import finetune_dolly as fd
-    from dataloader import ConversationBatchLoader
+    from conversation_loader import ConversationBatchLoader
     from tokenizer import get_tokenizer
     path = write_dolly(tmp_path / "d.jsonl", n=400, seed=3)
     mix = fd.load_dolly(path, seed=42, val_fraction=0.1)
@@ -277,7 +277,7 @@ def test_split_is_stratified_stable_and_world_size_free(tmp_path, monkeypatch):
 
 
 def test_text_metrics_per_category():
-    import finetune_dolly as fd
+    import evaluate as fd  # BLEU-4/ROUGE-L live in evaluate.py, shared with the coming eval.py
     rows = [{"category": "a", "reference": "the cat sat on the mat", "generation": "the cat sat on the mat"},
             {"category": "b", "reference": "a quick brown fox jumps", "generation": "nothing alike here"}]
     m = fd.text_metrics(rows)
@@ -297,13 +297,19 @@ def test_default_start_and_prompt_format(base_dir):
         run.mkdir(parents=True)
         (run / "ckpt_000001.pt").write_bytes(b"")
         (run / "ckpt_000001.json").write_text("{}", encoding="utf-8")
-    assert fd.default_init_stage() == "sft"  # nothing yet: the error will name the sft folder
+    from checkpoint import resolve_checkpoint
+
+    def default_init_stage():  # the stage folder the default start comes from
+        return {"checkpoints": "base", "mid_checkpoints": "mid", "chatsft_checkpoints": "sft"}[
+            resolve_checkpoint("", default_stage=fd.INIT_STAGES).parent.parent.name]
+    with pytest.raises(UserError, match="chatsft_checkpoints"):  # nothing yet: the error names the sft folder
+        default_init_stage()
     fake_run("checkpoints")
-    assert fd.default_init_stage() == "base"
+    assert default_init_stage() == "base"
     fake_run("mid_checkpoints")
-    assert fd.default_init_stage() == "mid"
+    assert default_init_stage() == "mid"
     fake_run("chatsft_checkpoints")
-    assert fd.default_init_stage() == "sft"
+    assert default_init_stage() == "sft"
     assert fd.resolve_prompt_format("auto", {"stage": "base"}, None)[0] == "alpaca"
     assert fd.resolve_prompt_format("auto", {"stage": "sft"}, None)[0] == "chat"
     assert fd.resolve_prompt_format("chat", {"stage": "base"}, None) == ("chat", "given")

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, KVCache, zeropower_via_newtonschulz5
+from model import GPT, GPTConfig, KVCache
+from optim import zeropower_via_newtonschulz5
 
 V, T = 320, 32  # the byte tokenizer's padded vocab; a short context keeps every test tiny
 
@@ -146,7 +147,13 @@ def test_chunked_loss_and_grads_match_full_cross_entropy(reduction):
     if reduction == "none":
         assert loss.shape == (2, T) and (loss.view(-1)[:11] == 0).all()
     for name, g in grads(model).items():
-        torch.testing.assert_close(chunked[name], g, rtol=1e-4, atol=1e-6, msg=name)
+        # Both paths sum the same float32 products in another order (chunks of 7 rows against one matmul; the
+        # CPU's vector width, AVX2 or AVX-512, reorders them again), so an entry's rounding error follows the
+        # size of the terms summed into it, not its own size: entries near zero may be off by ~1e-6 of the
+        # largest gradient. The absolute tolerance therefore scales with the tensor's largest entry.
+        scale = g.abs().max().item()
+        torch.testing.assert_close(chunked[name], g, rtol=1e-4, atol=1e-5 * scale,
+                                   msg=lambda m, name=name, scale=scale: f"{name} (largest |grad| {scale:.3g}): {m}")
 
 
 def test_loss_with_no_valid_target_is_zero_not_nan():
@@ -233,17 +240,25 @@ def test_kv_cache_prefill_in_pieces_matches_full_forward():
 
 @pytest.mark.parametrize("kw", [dict(temperature=0), dict(top_k=1), dict(temperature=0.9, top_k=40)])
 def test_generate_with_cache_equals_without(kw):
-    # same seed, same tokens: the cache may only change speed, never the samples
+    # same seed, same tokens: the cache may only change speed, never the samples. Generation lives in
+    # engine.py (the one sampling loop); the reference runs the whole sequence through forward() every step.
+    import engine
+    from tokenizer import get_tokenizer
+    tok = get_tokenizer("bytes")  # n_tokens 263 < V: the engine never samples the padding rows, nor may we
     model = tiny(randomize=True, n_head=4, n_kv_head=2).eval()
-    prompt = batch(B=3)[0][:, :5]
-    out = []
-    for use_cache in (True, False):
+    kw = {"temperature": 1.0, **kw}
+    for prompt in batch(B=3)[0][:, :5].tolist():
         gen = torch.Generator().manual_seed(123)
-        out.append(model.generate(prompt, 20, generator=gen, use_cache=use_cache, **kw))
-    assert out[0].shape == (3, 25) and torch.equal(out[0][:, :5], prompt)
-    assert torch.equal(out[0], out[1])
+        cached, _ = engine.generate(model, tok, prompt, max_tokens=20, generator=gen, **kw)
+        gen, ids = torch.Generator().manual_seed(123), list(prompt)
+        with torch.no_grad():
+            for _ in range(20):
+                logits = model(torch.tensor([ids]))[:, -1].clone()
+                logits[:, tok.n_tokens:] = float("-inf")
+                ids.append(engine.sample_token(logits, generator=gen, **kw).item())
+        assert len(cached) == 20 and cached == ids[5:]
     with pytest.raises(ValueError, match="max_seq_len"):
-        model.generate(prompt, T)
+        engine.generate(model, tok, list(range(T + 1)), max_tokens=1)
 
 
 # -----------------------------------------------------------------------------

@@ -6,9 +6,10 @@ import torch
 
 from configurator import UserError
 from conftest import SHARED, needs_shared
-from conversations import Record, builtin_examples, read_records
-from dataloader import ConversationBatchLoader, ConversationPackLoader
-from tokenizer import get_tokenizer, render_conversation
+from conversations import Record, read_records
+from tasks import builtin_examples
+from conversation_loader import ConversationBatchLoader, ConversationPackLoader
+from tokenizer import get_tokenizer
 
 TOK = get_tokenizer("bytes")
 AEND = TOK.special_id("<|assistant_end|>")
@@ -90,12 +91,12 @@ def test_sft_targets_are_minus_one_at_pads_and_untrained_tokens():
     for call in range(3):
         x, y = ld.next_batch()
         for i in range(4):
-            ids, mask = render_conversation(TOK, exs[call * 4 + i].messages, max_seq_len=64)
+            ids, mask = TOK.chat_format.render(exs[call * 4 + i].messages, max_seq_len=64)
             n = len(ids) - 1
             assert x[i, :n].tolist() == ids[:-1] and y[i, :n].tolist() == [
                 t if m else -1 for t, m in zip(ids[1:], mask[1:])]
             assert (x[i, n:] == TOK.bos_id).all() and (y[i, n:] == -1).all()  # padding
-        assert x.shape[1] == max(len(render_conversation(TOK, e.messages)[0]) - 1 for e in exs[call * 4:call * 4 + 4])
+        assert x.shape[1] == max(len(TOK.chat_format.render(e.messages)[0]) - 1 for e in exs[call * 4:call * 4 + 4])
 
 
 def test_sft_state_round_trip_exact_and_across_world_sizes():
@@ -172,8 +173,8 @@ def test_loaders_reject_bad_arguments():
 def test_pack_stream_is_the_concatenated_renders_cut_into_windows():
     exs = examples(7)
     ld = pack(exs, device_batch_size=3, max_seq_len=16, shuffle=False)
-    ids = np.concatenate([render_conversation(TOK, e.messages)[0] for e in exs] * 4)
-    mask = np.concatenate([render_conversation(TOK, e.messages)[1] for e in exs] * 4)
+    ids = np.concatenate([TOK.chat_format.render(e.messages)[0] for e in exs] * 4)
+    mask = np.concatenate([TOK.chat_format.render(e.messages)[1] for e in exs] * 4)
     span = 17
     for call in range(6):
         x, y = ld.next_batch()

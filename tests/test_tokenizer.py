@@ -239,3 +239,27 @@ def test_saved_bpe_bad_inputs(tiny_bpe_dir, tmp_path):
         tk.save_bpe(tmp_path / "gap", {**ranks, b"zz": len(ranks) + 5}, tk.GPT2_PATTERN)
     with pytest.raises(UserError, match="pattern"):
         tk.save_bpe(tmp_path / "bad_pattern", ranks, "(unclosed")
+
+
+def test_a_relative_tokenizer_path_is_recorded_absolute_and_found_beside_a_moved_run(tiny_bpe_dir, tmp_path,
+                                                                                      monkeypatch):
+    from checkpoint import checkpoint_tokenizer
+    folder, _ = tiny_bpe_dir
+    work = tmp_path / "work"
+    shutil.copytree(folder, work / "tok")
+    (work / "run").mkdir()
+    ckpt = work / "run" / "ckpt_000001.pt"
+    monkeypatch.setattr(tk, "_CACHE", {})
+    monkeypatch.chdir(work)
+    tok = tk.get_tokenizer("tok")  # --tokenizer=tok, typed in the folder that holds it
+    recorded = tok.describe()       # what a checkpoint records
+    assert recorded["name"] == str((work / "tok").resolve())
+    monkeypatch.chdir(tmp_path)     # chat.py run from another folder still finds it
+    assert checkpoint_tokenizer(recorded, ckpt).fingerprint() == tok.fingerprint()
+    moved = tmp_path / "elsewhere"  # the whole folder moved (or copied to another machine), tokenizer beside the run
+    shutil.move(work, moved)
+    found = checkpoint_tokenizer(recorded, moved / "run" / ckpt.name)
+    assert found.name == str((moved / "tok").resolve()) and found.fingerprint() == tok.fingerprint()
+    shutil.rmtree(moved / "tok")
+    with pytest.raises(UserError, match="--tokenizer=<its new path>"):
+        checkpoint_tokenizer(recorded, moved / "run" / ckpt.name)

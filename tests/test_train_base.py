@@ -51,6 +51,13 @@ def reference_runs(tiny_corpus, tmp_path_factory):
     return out
 
 
+def test_metrics_count_tokens_since_the_start(reference_runs):
+    """Every train record carries the tokens processed so far (all ranks), so a report can plot loss against
+    tokens even when log_every skips steps."""
+    train = read_metrics(reference_runs["float32"])
+    assert [train[s]["tokens"] for s in range(40)] == [2048 * (s + 1) for s in range(40)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dt", ["float32", "float16"])
 def test_sigkill_then_auto_resume_is_bitwise_identical(dt, tiny_corpus, tmp_path, reference_runs):

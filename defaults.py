@@ -1,0 +1,37 @@
+"""defaults.py: the settings every stage script shares, and their defaults.
+
+Trainer(globals(), ...) adds each of these to a stage script's globals unless the script declares the name
+itself (then the script's value wins), so --key=value, config files, -h and the saved config treat them exactly
+like the script's own keys. A stage script holds only what differs per stage: change a default for one stage by
+declaring the key again at the top of its script, for every stage here.
+"""
+# schedule and optimizer
+optimizer = "muon"            # muon (Muon for the hidden matrices + AdamW for the rest) | adamw (the stage's configure_optimizers)
+lr_scheduler = "cosine"       # cosine | linear | constant | cosine_with_restarts
+lr_restarts = 1               # cycles of cosine_with_restarts
+decay_lr = True               # False = constant after warmup
+lr_scaling = "none"           # none | linear | sqrt: scale max_lr with the global batch (the multi-GPU guide)
+grad_clip = 1.0               # clip the global gradient norm; 0 = off
+max_nonfinite = 10            # stop after this many non-finite losses in a row
+# logging
+log_every = 1                 # steps between log lines
+log_gradients = False         # add per-layer gradient norms to the metrics
+log_dir = ""                  # train.log + metrics.jsonl; "" = the run's checkpoint folder
+wandb_log = False             # log to Weights & Biases (WANDB_MODE=offline works)
+wandb_project = "t4chat"
+# checkpoints and resume
+keep_last_n_checkpoints = 5   # rotation: keep this many newest; -1 = keep all
+permanent_checkpoints = ""    # steps never deleted, e.g. "10000,20000" (the nano-gpt guide's form)
+keep_best_n = 0               # also keep the n checkpoints with the lowest val loss (then every checkpoint is evaluated)
+auto_resume = False           # continue from the newest complete checkpoint of this run
+resume = False                # continue from checkpoint_path (--resume=<path> sets both)
+checkpoint_path = ""          # the checkpoint to resume (a ckpt_*.pt or a run folder)
+out_dir = ""                  # "" = $NANOCHAT_BASE_DIR/<the stage's folder>/<run_name>
+run_name = ""                 # "" = the name of the run it starts from (base: d<depth>)
+# runtime
+device = "auto"               # auto | cpu | cuda | cuda:N
+dtype = "auto"                # auto (bf16 on sm>=8.0, fp16+GradScaler below, fp32 on CPU) | float32 | float16 | bfloat16
+compile = None                # torch.compile; None = auto (CUDA sm>=7.0, not Windows)
+gradient_checkpointing = False  # recompute activations in backward: less memory, ~30% more compute
+peak_flops = None             # peak FLOP/s of one GPU for MFU when it is not in our table
+_types = {"compile": bool, "peak_flops": float}
