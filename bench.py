@@ -371,7 +371,6 @@ def work_quality(spec):
     """Train one model for `steps` steps on the real data; train loss every step, val loss every eval_every."""
     torch, dev, sync = setup_torch(spec)
     import bench_baseline as nb
-    import common
     from dataloader import PretrainLoader
     from tokenizer import get_tokenizer
     tok = get_tokenizer("gpt2")
@@ -385,12 +384,13 @@ def work_quality(spec):
     dtype, ctx, scaler = precision(torch, dev, spec)
     if kind == "t4chat":
         # the shipped recipe: train_base.py's defaults, read from the module so this follows any change there,
-        # through the same Schedule the stages use (common.make_schedule), with max_steps = this run's steps
+        # through the same Schedule the stages use (schedule.make_schedule), with max_steps = this run's steps
         import train_base as tb
         from trainer import with_shared_defaults
         recipe = with_shared_defaults(dict(vars(tb)))
         recipe.update(max_steps=steps, optimizer="muon" if spec["optimizer"] == "default" else spec["optimizer"])
-        sched = common.make_schedule(recipe, {"max_steps"}, default_lrs=(tb.max_lr, tb.matrix_lr))
+        from schedule import make_schedule
+        sched = make_schedule(recipe, {"max_steps"}, default_lrs=(tb.max_lr, tb.matrix_lr))
         opt = model.configure_optimizers(optimizer=recipe["optimizer"], max_lr=sched.peak_lr,
                                          matrix_lr=sched.matrix_lr or tb.matrix_lr, weight_decay=tb.weight_decay)
         peak_lr, clip = sched.peak_lr, recipe["grad_clip"] if recipe["grad_clip"] > 0 else float("inf")

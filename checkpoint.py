@@ -316,25 +316,28 @@ def resolve_checkpoint(spec: str, *, default_stage=None, key="pretrained_checkpo
 
 def checkpoint_tokenizer(recorded, path):
     """The tokenizer a checkpoint recorded (tokenizer.describe()), checked against its fingerprint so a changed
-    vocabulary is refused. A save_bpe() folder is recorded by its absolute path; when that path is gone (the run
-    was moved, or copied to another machine, with its tokenizer), a folder of the same name beside the
-    checkpoint, beside its run folder or beside its stage folder is taken instead, if its fingerprint matches."""
+    vocabulary is refused. A save_bpe() folder is recorded by its absolute path; when that path is gone or now
+    holds another vocabulary (the run was moved, or copied to another machine, with its tokenizer), a folder of the
+    same name beside the checkpoint, beside its run folder or beside its stage folder is taken instead, if its
+    fingerprint matches."""
     from tokenizer import check_compatible, get_tokenizer
     if not isinstance(recorded, dict) or "name" not in recorded:
         raise UserError(f"{path} records no tokenizer (got {recorded!r}); it was not written by t4chat")
     name = recorded["name"]
-    candidates = [name]
-    if name not in ("gpt2", "bytes"):
-        here = Path(path).resolve().parent
-        candidates += [d / Path(name).name for d in (here, here.parent, here.parent.parent)]
-    for spec in candidates:
-        if spec in ("gpt2", "bytes") or Path(spec).exists():
-            tok = get_tokenizer(spec)
-            check_compatible(recorded, tok, str(path))
-            return tok
-    raise UserError(f"{path} was trained with the tokenizer folder {name}, which is not there (nor a folder "
-                    f"{Path(name).name} beside the checkpoint or its run folder); copy the tokenizer folder there, "
-                    f"or pass --tokenizer=<its new path>")
+    if name in ("gpt2", "bytes"):
+        tok = get_tokenizer(name)
+        check_compatible(recorded, tok, str(path))
+        return tok
+    here = Path(path).resolve().parent
+    candidates = [Path(name)] + [d / Path(name).name for d in (here, here.parent, here.parent.parent)]
+    for folder in candidates:
+        if folder.exists():
+            tok = get_tokenizer(str(folder))
+            if tok.fingerprint() == recorded.get("fingerprint"):
+                return tok
+    looked = ", ".join(dict.fromkeys(str(c) for c in candidates))
+    raise UserError(f"{path} was trained with the tokenizer folder {name}; no folder with that vocabulary is at "
+                    f"{looked}. Copy the tokenizer folder back to {name}, or next to the run folder")
 
 
 def build_from_checkpoint(ckpt: dict, path, max_seq_len=None):
@@ -356,7 +359,8 @@ def build_from_checkpoint(ckpt: dict, path, max_seq_len=None):
 
 
 def load_model(spec: str, device="cpu", default_stage="sft", key="checkpoint"):
-    """The one way to load a model for inference (chat, finetune_dolly's start, the coming eval/serve/export):
+    """The one way to load a model for inference (chat.py, and the coming eval/serve/export faces; the training
+    stages start from a checkpoint through resolve_checkpoint + load_checkpoint, which keep the optimizer state):
     (model in eval mode on `device`, tokenizer, meta) from a ckpt_*.pt, a run folder or a stage name; with no spec
     the newest checkpoint of default_stage (a stage or a tuple tried in order, see resolve_checkpoint).
     meta: path, stage (None when the file does not say), step, config, arch, and notes (sentences for the user:

@@ -1,14 +1,13 @@
 """common.py: the runtime every stage script shares.
 
-DDP set-up and tear-down, device and precision policy, batch arithmetic, the LR schedule, MFU and memory
-figures, the run logger (stdout + log file + metrics JSONL + optional wandb), stop signals and the error
-guard that turns bad input into one clear message. Checkpoints live in checkpoint.py.
+DDP set-up and tear-down, device and precision policy, batch arithmetic, MFU and memory figures, the run logger
+(stdout + log file + metrics JSONL + optional wandb), stop signals and the error guard that turns bad input into
+one clear message. Checkpoints live in checkpoint.py, the learning-rate schedule in schedule.py.
 Nothing here reads a stage script's globals: the stages pass values in.
 """
 import contextlib
 import datetime
 import json
-import math
 import os
 import signal
 import subprocess
@@ -298,110 +297,6 @@ def resolve_examples(*, target_examples_per_step, device_batch_size, world_size)
             f"number. Use --target_examples_per_step={' or '.join(str(n) for n in sorted({lo, lo + per_micro}))}, "
             f"or change device_batch_size.")
     return target_examples_per_step // per_micro
-
-
-# -----------------------------------------------------------------------------
-# learning rate
-
-LR_SCHEDULERS = ("cosine", "linear", "constant", "cosine_with_restarts")
-
-
-def get_lr(step, *, max_lr, min_lr, warmup_steps, max_steps, scheduler="cosine", decay_lr=True, restarts=1):
-    """The learning rate at `step` (0-based), a pure function shared by every stage.
-    Warmup is (step+1)/(warmup+1) so step 0 never runs at lr 0 (nanoGPT PR #578)."""
-    if scheduler not in LR_SCHEDULERS:
-        raise UserError(f"lr_scheduler={scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
-    if step < warmup_steps:
-        return max_lr * (step + 1) / (warmup_steps + 1)
-    if not decay_lr or scheduler == "constant":
-        return max_lr
-    if step >= max_steps:
-        return min_lr
-    p = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # decay progress in [0, 1)
-    if scheduler == "linear":
-        return max_lr - p * (max_lr - min_lr)
-    if scheduler == "cosine_with_restarts":
-        p = (p * max(1, restarts)) % 1.0  # each restart jumps back to max_lr and decays again
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * p)) * (max_lr - min_lr)
-
-
-def scale_lr(max_lr, *, mode, global_batch, reference_batch):
-    """Scale max_lr with the global batch: the multi-GPU guide's linear (x N) or sqrt (x sqrt N) rule."""
-    if mode == "none":
-        return max_lr
-    if mode not in ("linear", "sqrt"):
-        raise UserError(f"lr_scaling={mode!r} is not one of none, linear, sqrt")
-    ratio = global_batch / reference_batch
-    return max_lr * (ratio if mode == "linear" else math.sqrt(ratio))
-
-
-def resolve_schedule(*, max_steps, num_epochs, warmup_steps, warmup_ratio, user_set, steps_per_epoch=None,
-                     default_steps=None):
-    """Resolve the '-1 = unset' pairs of the horizon: (max_steps | num_epochs) and (warmup_steps | warmup_ratio).
-    steps_per_epoch is a callable (it may read parquet metadata), default_steps the fallback when neither is set."""
-    which = pick_pair("max_steps", max_steps, "num_epochs", num_epochs, user_set)
-    if which == "b":
-        if num_epochs <= 0:
-            raise UserError(f"num_epochs={num_epochs} must be > 0")
-        max_steps = max(1, math.ceil(num_epochs * steps_per_epoch()))
-    elif which is None:
-        max_steps = default_steps()
-    if max_steps < 1:
-        raise UserError(f"max_steps={max_steps} must be >= 1")
-    which = pick_pair("warmup_steps", warmup_steps, "warmup_ratio", warmup_ratio, user_set)
-    if which == "b":
-        if not 0 <= warmup_ratio < 1:
-            raise UserError(f"warmup_ratio={warmup_ratio} must be in [0, 1)")
-        warmup_steps = int(round(warmup_ratio * max_steps))
-    elif which is None:
-        warmup_steps = 0
-    return max_steps, warmup_steps
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """The horizon and the learning rates of a run, resolved once from the config (make_schedule). lr(step) is
-    the rate in force at `step`; every optimizer group follows it in proportion to its own peak (base_lr):
-    group lr = base_lr * lr(step) / peak_lr."""
-    steps: int                  # optimizer steps
-    warmup: int                 # linear warmup steps
-    peak_lr: float              # max_lr after lr_scaling: the AdamW groups' peak
-    final_lr: float             # where the decay ends
-    matrix_lr: float = 0.0      # Muon's peak (follows max_lr, see make_schedule); 0 unless optimizer=muon
-    kind: str = "cosine"        # lr_scheduler
-    decay: bool = True          # decay_lr
-    restarts: int = 1           # lr_restarts (cosine_with_restarts)
-
-    def lr(self, step) -> float:
-        return get_lr(step, max_lr=self.peak_lr, min_lr=self.final_lr, warmup_steps=self.warmup,
-                      max_steps=self.steps, scheduler=self.kind, decay_lr=self.decay, restarts=self.restarts)
-
-    def describe(self) -> str:
-        return (f"{self.steps} steps, warmup {self.warmup}, lr {self.peak_lr:g} -> {self.final_lr:g} ({self.kind})"
-                + (f", Muon matrix_lr {self.matrix_lr:g}" if self.matrix_lr else ""))
-
-
-def make_schedule(c: dict, user_set, *, steps_per_epoch=None, default_steps=None, global_batch=1,
-                  reference_batch=1, default_lrs=(None, None)) -> Schedule:
-    """The Schedule a config asks for: max_steps | num_epochs, warmup_steps | warmup_ratio (resolve_schedule),
-    max_lr scaled by lr_scaling (a lr_reference_batch / lr_reference_examples > 0 replaces reference_batch), min_lr
-    (-1 = peak / 10). default_lrs are the script's (max_lr, matrix_lr) before overrides: Muon's matrix_lr follows
-    max_lr, so a user who lowers max_lr (the guides' "loss not falling: lower the learning rate") lowers every rate
-    in the model in proportion, unless matrix_lr is set as well; lr_scaling scales both alike."""
-    steps, warmup = resolve_schedule(
-        max_steps=c["max_steps"], num_epochs=c.get("num_epochs", -1), warmup_steps=c["warmup_steps"],
-        warmup_ratio=c["warmup_ratio"], user_set=user_set, steps_per_epoch=steps_per_epoch,
-        default_steps=default_steps)
-    given = c.get("lr_reference_batch", c.get("lr_reference_examples", -1))
-    peak = scale_lr(c["max_lr"], mode=c["lr_scaling"], global_batch=global_batch,
-                    reference_batch=given if given > 0 else reference_batch)
-    default_max, default_matrix = default_lrs
-    matrix = c.get("matrix_lr", default_matrix or 0.0) if c.get("optimizer") == "muon" else 0.0
-    if "max_lr" in user_set and "matrix_lr" not in user_set and default_max:
-        matrix *= c["max_lr"] / default_max
-    return Schedule(steps=steps, warmup=warmup, peak_lr=peak, final_lr=c["min_lr"] if c["min_lr"] >= 0 else peak / 10,
-                    matrix_lr=matrix * peak / c["max_lr"], kind=c["lr_scheduler"], decay=c["decay_lr"],
-                    restarts=c["lr_restarts"])
 
 
 # -----------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """conversation_loader.py: batches of conversations for mid-training (packed) and SFT / Dolly (padded).
 
 Both read a sequence of examples (conversations.Mixture's .train / .val, a Records, or plain message lists),
-render each with the tokenizer's chat format (tok.chat_format.render: ids + loss mask) and turn mask 0 into target -1. Like
-PretrainLoader, the global stream depends on the seed and the position only: call i covers the global items
-[i*W*B, (i+1)*W*B) (windows when packed, conversations when padded) and rank r keeps [i*W*B + r*B, +B).
-Each epoch visits the examples in a permutation seeded by (seed, epoch); the stream runs on across epochs,
+render each with the tokenizer's chat format (tok.chat_format.render: ids + loss mask) and turn mask 0 into
+target -1. Like PretrainLoader, the global stream depends on the seed and the position only: call i covers the
+global items [i*W*B, (i+1)*W*B) (windows when packed, conversations when padded) and rank r keeps [i*W*B + r*B,
++B). Each epoch visits the examples in a permutation seeded by (seed, epoch); the stream runs on across epochs,
 so one call may take its items from two. state_dict() is plain ints, the same on every rank.
 They render synchronously on the calling thread: a step needs a few hundred conversations (tens of ms with
 tiktoken), small next to a step, and no thread keeps resume simple.
@@ -269,10 +269,10 @@ class ConversationPackLoader:
         return _to_device(x, self.device), _to_device(y, self.device)
 
 
-def mean_tokens(examples, tokenizer, *, max_seq_len, max_rounds=-1, sample=500) -> float:
-    """Mean rendered length of a conversation, from a fixed, evenly spaced sample of up to `sample` examples:
-    what one pass over a mixture costs in tokens (train_mid.py's num_epochs -> max_steps)."""
+def pass_tokens(examples, tokenizer, *, max_seq_len, max_rounds=-1, sample=500) -> float:
+    """Tokens of one pass over `examples`, from the mean rendered length of a fixed, evenly spaced sample of up
+    to `sample` of them (train_mid.py's num_epochs -> max_steps)."""
     picked = [examples[i] for i in range(0, len(examples), max(1, len(examples) // sample))]
     lengths = [len(r[0]) for r in (tokenizer.chat_format.render(messages_of(e), max_seq_len=max_seq_len,
                                                                 max_rounds=max_rounds) for e in picked) if r]
-    return sum(lengths) / max(1, len(lengths))
+    return len(examples) * sum(lengths) / max(1, len(lengths))

@@ -6,7 +6,6 @@ like the script's own keys. A stage script holds only what differs per stage: ch
 declaring the key again at the top of its script, for every stage here.
 """
 # schedule and optimizer
-optimizer = "muon"            # muon (Muon for the hidden matrices + AdamW for the rest) | adamw (the stage's configure_optimizers)
 lr_scheduler = "cosine"       # cosine | linear | constant | cosine_with_restarts
 lr_restarts = 1               # cycles of cosine_with_restarts
 decay_lr = True               # False = constant after warmup
@@ -22,7 +21,7 @@ wandb_project = "t4chat"
 # checkpoints and resume
 keep_last_n_checkpoints = 5   # rotation: keep this many newest; -1 = keep all
 permanent_checkpoints = ""    # steps never deleted, e.g. "10000,20000" (the nano-gpt guide's form)
-keep_best_n = 0               # also keep the n checkpoints with the lowest val loss (then every checkpoint is evaluated)
+keep_best_n = 0               # also keep the n checkpoints with the lowest val loss (all are then evaluated)
 auto_resume = False           # continue from the newest complete checkpoint of this run
 resume = False                # continue from checkpoint_path (--resume=<path> sets both)
 checkpoint_path = ""          # the checkpoint to resume (a ckpt_*.pt or a run folder)
@@ -30,7 +29,7 @@ out_dir = ""                  # "" = $NANOCHAT_BASE_DIR/<the stage's folder>/<ru
 run_name = ""                 # "" = the name of the run it starts from (base: d<depth>)
 # runtime
 device = "auto"               # auto | cpu | cuda | cuda:N
-dtype = "auto"                # auto (bf16 on sm>=8.0, fp16+GradScaler below, fp32 on CPU) | float32 | float16 | bfloat16
+dtype = "auto"                # auto (bf16 on sm>=8.0, fp16+GradScaler below, fp32 on CPU) | float32|float16|bfloat16
 compile = None                # torch.compile; None = auto (CUDA sm>=7.0, not Windows)
 gradient_checkpointing = False  # recompute activations in backward: less memory, ~30% more compute
 peak_flops = None             # peak FLOP/s of one GPU for MFU when it is not in our table

@@ -30,6 +30,8 @@ from evaluate import check_metric_packages, eval_loss, generate_answers, text_me
 from trainer import Trainer
 
 # ---- config (module globals; override with config files or --key=value) ----------------------------------
+# the settings every stage shares (device, dtype, compile, grad_clip, checkpoint rotation, logging, ...) are
+# in defaults.py; declare one here to change it for this stage. -h lists them all.
 # where the run starts
 pretrained_checkpoint = ""    # where to start: a file, a run folder or a stage name; "" = newest sft, else mid, else base
 # data
@@ -44,8 +46,7 @@ target_examples_per_step = 32  # rows per optimizer step over all GPUs
 # horizon (the nano-gpt guide: 1750 steps, 100 of warmup)
 max_steps = 1750              # optimizer steps; -1 = use num_epochs
 num_epochs = -1.0             # passes over the training part; -1 = use max_steps
-# optimizer and schedule: AdamW, cosine from max_lr to min_lr
-optimizer = "adamw"           # adamw | muon
+# learning rates and schedule: cosine from max_lr to min_lr (AdamW, below)
 max_lr = 3e-5                 # peak learning rate (the guide: 3e-5 to 5e-5 for finetuning, 10x below pretraining)
 matrix_lr = 1.5e-4            # peak learning rate of the Muon matrices; follows max_lr in proportion unless set
 min_lr = -1.0                 # final learning rate; -1 = max_lr / 10
@@ -53,7 +54,9 @@ warmup_steps = 100            # linear warmup steps; -1 = use warmup_ratio
 warmup_ratio = -1.0           # warmup as a fraction of max_steps; -1 = use warmup_steps
 lr_scheduler = "cosine"       # cosine | linear | constant | cosine_with_restarts
 lr_reference_examples = -1    # rows per step lr_scaling compares with; -1 = target_examples_per_step
-weight_decay = 0.0
+# optimizer: main() builds it (model.configure_optimizers, or any torch.optim.Optimizer)
+optimizer = "adamw"           # adamw | muon
+weight_decay = 0.0            # decoupled weight decay (AdamW: 2-D weights only; Muon: its matrices)
 # evaluation and checkpoints
 eval_every = 50               # steps between validation-loss passes (the guide's eval_interval 50); -1 = only at the end
 checkpoint_interval = 500     # -1 = only at the end
@@ -246,6 +249,7 @@ def main():
     sched = tr.schedule(steps_per_epoch=lambda: len(train) / target_examples_per_step,
                         default_steps=lambda: math.ceil(len(train) / target_examples_per_step),
                         global_batch=target_examples_per_step, reference_batch=target_examples_per_step)
+    # any torch.optim.Optimizer works here, and tr.fit(..., loss_fn=...) any loss (README: How to hack a stage)
     opt = model.configure_optimizers(optimizer=optimizer, max_lr=sched.peak_lr, matrix_lr=sched.matrix_lr,
                                      weight_decay=weight_decay, ns_dtype=tr.ns_dtype)
 

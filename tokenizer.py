@@ -390,7 +390,7 @@ def _load_bpe_folder(spec: str, path: Path) -> Tokenizer:
                         f"(truncated or replaced?); save the tokenizer again with tokenizer.save_bpe()")
     ranks = _parse_ranks(data, folder / ranks_name)
     # named by the folder's absolute path: checkpoints record the name, and `--tokenizer=tok` typed in one folder
-    # must still be found by chat.py run from another (checkpoint.find_tokenizer also looks beside a moved run)
+    # must still be found by chat.py run from another (checkpoint.checkpoint_tokenizer also looks beside a moved run)
     return BpeTokenizer(str(folder.resolve()), ranks, pattern, _appended_specials(len(ranks)))
 
 

@@ -14,6 +14,8 @@ from evaluate import eval_loss
 from trainer import Trainer
 
 # ---- config (module globals; override with config files or --key=value) ----------------------------------
+# the settings every stage shares (device, dtype, compile, grad_clip, checkpoint rotation, logging, ...) are
+# in defaults.py; declare one here to change it for this stage. -h lists them all.
 # where the run starts
 pretrained_checkpoint = ""    # start from these weights (file, run folder, or stage name); "" = from scratch
 # model
@@ -35,7 +37,7 @@ grad_accum_steps = -1         # micro-steps per optimizer step per GPU; -1 = der
 max_steps = -1                # optimizer steps; -1 = from num_epochs, else from target_param_data_ratio
 num_epochs = -1.0             # passes over the training shards; -1 = use max_steps
 target_param_data_ratio = 20  # tokens per parameter when max_steps and num_epochs are -1 (Chinchilla: 20)
-# optimizer and schedule
+# learning rates and schedule
 max_lr = 0.004                # peak learning rate of the AdamW parameters (embeddings, head, norms)
 matrix_lr = 0.02              # peak learning rate of the Muon matrices; follows max_lr in proportion unless set
 min_lr = -1.0                 # final learning rate; -1 = max_lr / 10 (scaled alike for matrix_lr)
@@ -43,7 +45,9 @@ warmup_steps = -1             # linear warmup steps; -1 = use warmup_ratio
 warmup_ratio = 0.0            # warmup as a fraction of max_steps; -1 = use warmup_steps
 lr_scheduler = "cosine"       # cosine | linear | constant | cosine_with_restarts
 lr_reference_batch = -1       # tokens; -1 = one process's batch (so scaling follows the GPU count)
-weight_decay = 0.0            # AdamW weight decay on 2-D weights
+# optimizer: main() builds it (model.configure_optimizers, or any torch.optim.Optimizer)
+optimizer = "muon"            # muon (Muon for the hidden matrices + AdamW for the rest) | adamw
+weight_decay = 0.0            # decoupled weight decay (AdamW: 2-D weights only; Muon: its matrices)
 # evaluation and checkpoints
 eval_every = 100              # steps between validation loss / bpb; -1 = only at the end
 checkpoint_interval = 1000    # steps between checkpoints; -1 = only at the end
@@ -100,6 +104,8 @@ def main():
         gen = torch.Generator(device=dev).manual_seed(0)
         for prompt in ("The capital of France is", "The meaning of life is", "中国的首都是"):
             ids = tok.chat_format.render_plain_prompt(prompt)
+            if len(ids) >= max_seq_len:  # a tiny smoke-test context: no room to say anything
+                continue
             out, _ = generate(m, tok, ids, max_tokens=min(24, max_seq_len - len(ids)), temperature=0.7, top_k=50,
                               stop_ids=tok.chat_format.stop_ids(chat=False), generator=gen, autocast=tr.autocast)
             tr.logger.print(f"sample: {tok.decode(ids[1:] + out)!r}")

@@ -11,12 +11,14 @@ import math
 import common
 import conversations
 from common import print0
-from conversation_loader import ConversationPackLoader, mean_tokens
+from conversation_loader import ConversationPackLoader, pass_tokens
 from evaluate import chat_eval
 from tasks import eval_items
 from trainer import Trainer
 
 # ---- config (module globals; override with config files or --key=value) ----------------------------------
+# the settings every stage shares (device, dtype, compile, grad_clip, checkpoint rotation, logging, ...) are
+# in defaults.py; declare one here to change it for this stage. -h lists them all.
 # where the run starts
 pretrained_checkpoint = ""    # where to start: a file, a run folder or a stage name; "" = the newest base run
 # data
@@ -32,7 +34,7 @@ grad_accum_steps = -1         # micro-steps per optimizer step per GPU; -1 = der
 # horizon
 max_steps = -1                # optimizer steps; -1 = num_epochs over the mixture
 num_epochs = 1.0              # passes over the mixture's training part; -1 = use max_steps
-# optimizer and schedule (the base run's learning rates, decayed to zero: nanochat's mid-training recipe)
+# learning rates and schedule (the base run's learning rates, decayed to zero: nanochat's mid-training recipe)
 max_lr = 0.004                # peak learning rate of the AdamW parameters (embeddings, head, norms)
 matrix_lr = 0.02              # peak learning rate of the Muon matrices; follows max_lr in proportion unless set
 min_lr = 0.0                  # final learning rate; -1 = max_lr / 10
@@ -40,7 +42,9 @@ warmup_steps = 0              # linear warmup steps; -1 = use warmup_ratio
 warmup_ratio = -1.0           # warmup as a fraction of max_steps; -1 = use warmup_steps
 lr_scheduler = "linear"       # cosine | linear | constant | cosine_with_restarts
 lr_reference_batch = -1       # tokens; -1 = one process's batch
-weight_decay = 0.0
+# optimizer: main() builds it (model.configure_optimizers, or any torch.optim.Optimizer)
+optimizer = "muon"            # muon | adamw
+weight_decay = 0.0            # decoupled weight decay (AdamW: 2-D weights only; Muon: its matrices)
 # evaluation and checkpoints
 eval_every = 75               # steps between evaluations (the T4 guide: 75); -1 = only at the end
 checkpoint_interval = 500     # -1 = only at the end
@@ -63,13 +67,14 @@ def main():
 
     def steps_per_epoch():
         # tokens of one pass over the mixture, from the mean rendered length of a fixed sample
-        mean = mean_tokens(mix.train, tr.tok, max_seq_len=max_seq_len, max_rounds=max_rounds)
-        print0(f"num_epochs: one pass ~ {len(mix.train) * mean:,.0f} tokens ({len(mix.train):,} conversations x "
-               f"mean {mean:.0f} tokens from a fixed sample)")
-        return len(mix.train) * mean / total
+        tokens = pass_tokens(mix.train, tr.tok, max_seq_len=max_seq_len, max_rounds=max_rounds)
+        print0(f"num_epochs: one pass ~ {tokens:,.0f} tokens ({len(mix.train):,} conversations x mean "
+               f"{tokens / max(1, len(mix.train)):.0f} tokens, from a fixed sample)")
+        return tokens / total
     reference = total // tr.world_size if "grad_accum_steps" in tr.user_set else total
     sched = tr.schedule(steps_per_epoch=steps_per_epoch, default_steps=lambda: math.ceil(steps_per_epoch()),
                         global_batch=total, reference_batch=reference)
+    # any torch.optim.Optimizer works here, and tr.fit(..., loss_fn=...) any loss (README: How to hack a stage)
     opt = model.configure_optimizers(optimizer=optimizer, max_lr=sched.peak_lr, matrix_lr=sched.matrix_lr,
                                      weight_decay=weight_decay, ns_dtype=tr.ns_dtype)
 

@@ -17,6 +17,8 @@ from tasks import eval_items
 from trainer import Trainer
 
 # ---- config (module globals; override with config files or --key=value) ----------------------------------
+# the settings every stage shares (device, dtype, compile, grad_clip, checkpoint rotation, logging, ...) are
+# in defaults.py; declare one here to change it for this stage. -h lists them all.
 # where the run starts
 pretrained_checkpoint = ""    # where to start: a file, a run folder or a stage name; "" = the newest mid run
 # data
@@ -31,7 +33,7 @@ target_examples_per_step = 8  # conversations per optimizer step over all GPUs (
 # horizon
 max_steps = -1                # optimizer steps; -1 = num_epochs over the mixture
 num_epochs = 1.0              # passes over the mixture's training part; -1 = use max_steps
-# optimizer and schedule: a fifth of mid-training's learning rates, decayed to zero
+# learning rates and schedule: a fifth of mid-training's learning rates, decayed to zero
 max_lr = 0.0008               # peak learning rate of the AdamW parameters (embeddings, head, norms)
 matrix_lr = 0.004             # peak learning rate of the Muon matrices; follows max_lr in proportion unless set
 min_lr = 0.0                  # final learning rate; -1 = max_lr / 10
@@ -39,7 +41,9 @@ warmup_steps = -1             # linear warmup steps; -1 = use warmup_ratio
 warmup_ratio = 0.0            # warmup as a fraction of max_steps (the 8 GB guide: 0.2); -1 = use warmup_steps
 lr_scheduler = "linear"       # cosine | linear | constant | cosine_with_restarts
 lr_reference_examples = -1    # conversations per step lr_scaling compares with; -1 = target_examples_per_step
-weight_decay = 0.0
+# optimizer: main() builds it (model.configure_optimizers, or any torch.optim.Optimizer)
+optimizer = "muon"            # muon | adamw
+weight_decay = 0.0            # decoupled weight decay (AdamW: 2-D weights only; Muon: its matrices)
 # evaluation and checkpoints
 eval_every = 50               # steps between evaluations (the T4 guide: 50); -1 = only at the end
 checkpoint_interval = 200     # -1 = only at the end
@@ -60,6 +64,7 @@ def main():
     sched = tr.schedule(steps_per_epoch=lambda: len(mix.train) / target_examples_per_step,
                         default_steps=lambda: math.ceil(len(mix.train) / target_examples_per_step),
                         global_batch=target_examples_per_step, reference_batch=target_examples_per_step)
+    # any torch.optim.Optimizer works here, and tr.fit(..., loss_fn=...) any loss (README: How to hack a stage)
     opt = model.configure_optimizers(optimizer=optimizer, max_lr=sched.peak_lr, matrix_lr=sched.matrix_lr,
                                      weight_decay=weight_decay, ns_dtype=tr.ns_dtype)
 

@@ -7,7 +7,7 @@ tested) once: the config checks, the run folder, resume, DDP, precision, the loo
     tr = Trainer(globals(), "sft", init_stage="mid")   # config, checks, run folder, resume source: no process group yet
     tr.setup()                                          # DDP, device, precision, seed
     model = tr.build_model()                            # from scratch, from an earlier stage, or resumed
-    sched = tr.schedule(...)                            # steps, warmup, learning rates: a common.Schedule
+    sched = tr.schedule(...)                            # steps, warmup, learning rates: a schedule.Schedule
     opt = model.configure_optimizers(...)               # or any torch.optim.Optimizer
     tr.fit(model, opt, train_loader, accum=..., schedule=sched, evaluate=..., loss_fn=...)
 
@@ -29,6 +29,7 @@ import common
 from checkpoint import (STAGE_DIRS, CheckpointManager, check_arch, checkpoint_tokenizer, load_checkpoint,
                         resolve_checkpoint, rng_state, set_rng_state)
 from common import UserError, print0
+from schedule import Schedule, make_schedule
 
 # the globals a stage script may declare to shape a model from scratch (base); later stages take the shape
 # from the checkpoint they start from, and only check these when the user passes them explicitly
@@ -48,7 +49,7 @@ def with_shared_defaults(g: dict) -> dict:
     for k, v in config_keys(vars(defaults)).items():
         g.setdefault(k, v)
     g["_types"] = {**defaults._types, **g.get("_types", {})}
-    g["_help_files"] = [defaults.__file__]
+    g["_help_files"] = [*g.get("_help_files", ()), defaults.__file__]
     return g
 
 
@@ -210,12 +211,11 @@ class Trainer:
         return model
 
     # ---- horizon and learning rate ----
-    def schedule(self, *, steps_per_epoch, default_steps, global_batch, reference_batch) -> common.Schedule:
+    def schedule(self, *, steps_per_epoch, default_steps, global_batch, reference_batch) -> Schedule:
         """The run's Schedule (steps, warmup, peak and final lr, Muon's matrix_lr, the scheduler) from max_steps |
-        num_epochs, warmup_steps | warmup_ratio, max_lr, min_lr, lr_scaling: common.make_schedule."""
-        return common.make_schedule(self.c, self.user_set, steps_per_epoch=steps_per_epoch,
-                                    default_steps=default_steps, global_batch=global_batch,
-                                    reference_batch=reference_batch, default_lrs=self.default_lrs)
+        num_epochs, warmup_steps | warmup_ratio, max_lr, min_lr, lr_scaling: schedule.make_schedule."""
+        return make_schedule(self.c, self.user_set, steps_per_epoch=steps_per_epoch, default_steps=default_steps,
+                             global_batch=global_batch, reference_batch=reference_batch, default_lrs=self.default_lrs)
 
     def loader_args(self, **more) -> dict:
         """What every loader of this run takes: the batch shape from the config, this process's share, device, seed."""
@@ -240,8 +240,11 @@ class Trainer:
         for group in optimizer.param_groups:  # the schedule scales every group from its own peak
             group.setdefault("base_lr", group["lr"])
         start, tokens = self.restore(optimizer, train_loader, accum)
+        if start >= schedule.steps and start > 0:
+            print0(f"the checkpoint is at step {start} and max_steps={schedule.steps}: nothing left to train")
         model = self.wrap(raw_model)
-        logger = self.open_log(raw_model, schedule, start, header, accum)
+        logger = self.open_log(raw_model, schedule, start, header, accum,
+                               muon=any(g.get("kind") == "muon" for g in optimizer.param_groups))
         interval, keep_best = c["checkpoint_interval"], c.get("keep_best_n", 0)
         lossf, self.nonfinite = float("nan"), 0
         # Eval and checkpoint sit at the top and we run steps+1 iterations, so the final step evaluates and saves
@@ -361,7 +364,7 @@ class Trainer:
         return (f"{total:,} tokens/step = {c['device_batch_size']} seqs x {c['max_seq_len']} tokens x {w} GPUs x "
                 f"{accum} accumulation")
 
-    def open_log(self, model, schedule, start, header, accum):
+    def open_log(self, model, schedule, start, header, accum, muon):
         c, dev = self.c, self.device
         self.flops_per_token = model.estimate_flops_per_token()
         self.peak_flops = common.peak_flops(common.device_name(dev), self.dtype, c.get("peak_flops"))
@@ -371,7 +374,8 @@ class Trainer:
             header={"stage": self.name, "device": common.device_name(dev), "world_size": self.world_size,
                     "dtype": f"{self.dtype} ({self.dtype_reason})", "tokenizer": self.tok.describe(),
                     "parameters": f"{model.num_params():,}", "flops/token": f"{self.flops_per_token:.3e}",
-                    "batch": self.describe_batch(accum), **(header or {}), "horizon": schedule.describe(), "checkpoints": str(self.ckpt_dir),
+                    "batch": self.describe_batch(accum), **(header or {}), "horizon": schedule.describe(muon),
+                    "checkpoints": str(self.ckpt_dir),
                     "starts from": (f"{self.resume_path} (resume, step {start})" if self.resume_path
                                     else str(self.init_path or "scratch"))})
         return self.logger

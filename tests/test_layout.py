@@ -8,11 +8,12 @@ from collections import defaultdict
 
 from conftest import REPO
 
-# Stage scripts and faces on top; the stage runtime, data and evaluation in the middle; the model, the optimizer,
-# the tokenizer with its chat format, and the configurator at the bottom, knowing no files, processes or globals.
+# Stage scripts and faces on top; the stage runtime, data and evaluation in the middle; the model, the
+# optimizer, the tokenizer with its chat format, and the configurator at the bottom, knowing no files,
+# processes or globals.
 BOTTOM = {"configurator", "optim", "model", "chat_format", "tokenizer"}
-MIDDLE = {"common", "defaults", "checkpoint", "trainer", "dataloader", "conversations", "conversation_loader", "tasks",
-          "evaluate", "engine"}
+MIDDLE = {"common", "defaults", "schedule", "checkpoint", "trainer", "dataloader", "conversations",
+          "conversation_loader", "tasks", "evaluate", "engine"}
 TOP = {"train_base", "train_mid", "train_sft", "finetune_dolly", "chat", "bench", "bench_baseline"}
 
 
@@ -42,7 +43,8 @@ def test_imports_point_down_only():
 def test_each_module_imported_alone_pulls_in_no_stage_script_or_face():
     """One interpreter imports each module of the lower layers by itself (the repo's modules are dropped from
     sys.modules in between; torch stays loaded, which only saves time) and lists what came with it."""
-    code = (f"import importlib, json, sys; sys.path.insert(0, {str(REPO)!r}); repo = {sorted(BOTTOM | MIDDLE | TOP)!r}\n"
+    code = (f"import importlib, json, sys; sys.path.insert(0, {str(REPO)!r})\n"
+            f"repo = {sorted(BOTTOM | MIDDLE | TOP)!r}\n"
             "out = {}\n"
             f"for name in {sorted(BOTTOM | MIDDLE)!r}:\n"
             "    for m in [m for m in sys.modules if m in repo]: del sys.modules[m]\n"

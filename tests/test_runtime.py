@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import common
-from common import UserError, get_lr, pick_dtype, resolve_batch
+import schedule
+from common import UserError, pick_dtype, resolve_batch
+from schedule import get_lr
 
 
 # ---- precision policy (the CUDA queries are mocked: this machine has no GPU) ----
@@ -97,18 +99,18 @@ def test_lr_shapes():
 
 
 def test_lr_scaling_follows_gpu_count_only_when_accumulation_is_per_gpu():
-    assert common.scale_lr(1e-4, mode="none", global_batch=8, reference_batch=1) == 1e-4
-    assert common.scale_lr(1e-4, mode="linear", global_batch=8, reference_batch=1) == pytest.approx(8e-4)
-    assert common.scale_lr(1e-4, mode="sqrt", global_batch=8, reference_batch=1) == pytest.approx(1e-4 * math.sqrt(8))
+    assert schedule.scale_lr(1e-4, mode="none", global_batch=8, reference_batch=1) == 1e-4
+    assert schedule.scale_lr(1e-4, mode="linear", global_batch=8, reference_batch=1) == pytest.approx(8e-4)
+    assert schedule.scale_lr(1e-4, mode="sqrt", global_batch=8, reference_batch=1) == pytest.approx(1e-4 * math.sqrt(8))
     with pytest.raises(UserError):
-        common.scale_lr(1e-4, mode="cubic", global_batch=8, reference_batch=1)
+        schedule.scale_lr(1e-4, mode="cubic", global_batch=8, reference_batch=1)
 
 
 def test_schedule_pairs():
     def res(user_set, **kw):
         base = dict(max_steps=-1, num_epochs=-1, warmup_steps=-1, warmup_ratio=-1)
         base.update(kw)
-        return common.resolve_schedule(**base, user_set=user_set, steps_per_epoch=lambda: 10,
+        return schedule.resolve_schedule(**base, user_set=user_set, steps_per_epoch=lambda: 10,
                                        default_steps=lambda: 77)
     assert res(set()) == (77, 0)
     assert res({"max_steps"}, max_steps=100, warmup_ratio=0.1) == (100, 10)

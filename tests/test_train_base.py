@@ -150,17 +150,22 @@ def _fails(capsys_args, expect, **kw):
 
 def test_bad_inputs_fail_fast_with_a_fix(tiny_corpus, tmp_path):
     base = [*TINY, f"--data_root={tiny_corpus}", f"--out_dir={tmp_path / 'r'}", "--max_steps=2"]
-    _fails([*base, "--batch_size=8"], ["batch_size", "device_batch_size"])
-    _fails([*base, "--total_batch_size=1000"], ["total_batch_size=1000", "4*64*1", "--total_batch_size=768 or"])
-    _fails([*base, "--total_batch_size=1024", "--grad_accum_steps=2"], ["total_batch_size", "grad_accum_steps"])
-    _fails([*TINY, f"--data_root={tmp_path / 'nope'}", "--max_steps=2"], ["nope"])
     bad = tmp_path / "bad_data"
     bad.mkdir()
     (bad / "shard_00000.parquet").write_bytes(b"this is not parquet")
     (bad / "shard_00001.parquet").write_bytes(b"nor this")
-    _fails([*TINY, f"--data_root={bad}", "--max_steps=2"], ["shard_00000.parquet"])
-    _fails([*base, "--dtype=fp8"], ["dtype"])
-    _fails([*base, "--log_every=0", "--max_lr=0"], ["log_every=0 must be >= 1", "max_lr=0.0 must be > 0"])
+    cases = [([*base, "--batch_size=8"], ["batch_size", "device_batch_size"]),
+             ([*base, "--total_batch_size=1000"], ["total_batch_size=1000", "4*64*1", "--total_batch_size=768 or"]),
+             ([*base, "--total_batch_size=1024", "--grad_accum_steps=2"], ["total_batch_size", "grad_accum_steps"]),
+             ([*TINY, f"--data_root={tmp_path / 'nope'}", "--max_steps=2"], ["nope"]),
+             ([*TINY, f"--data_root={bad}", "--max_steps=2"], ["shard_00000.parquet"]),
+             ([*base, "--dtype=fp8"], ["dtype"]),
+             ([*base, "--log_every=0", "--max_lr=0"], ["log_every=0 must be >= 1", "max_lr=0.0 must be > 0"])]
+    # independent processes that mostly wait on imports: two at a time (one per core) halves the wall time
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(_fails, args, expect) for args, expect in cases]:
+            done.result()
 
 
 def test_rollback_resume_with_a_lower_lr_goes_on_in_the_checkpoints_folder(tiny_corpus, tmp_path):
