@@ -179,7 +179,9 @@ def eval_items(n_per_task=20, seed=0, gsm8k_path=""):
     items = [(t, conv) for t in BUILTIN_TASKS for conv in builtin_examples(t, n_per_task, seed, "val")]
     from common import base_dir
     from conversations import read_records  # the same reader training uses (conversations imports this module)
-    path = Path(gsm8k_path) if gsm8k_path else base_dir() / "data" / "gsm8k_test.jsonl"
+    data = base_dir() / "data"  # prepare_data.py fetches the parquet; a user may have the JSONL
+    path = Path(gsm8k_path) if gsm8k_path else next(
+        (p for p in (data / "gsm8k_test.jsonl", data / "gsm8k_test.parquet") if p.is_file()), data / "gsm8k_test.jsonl")
     if path.is_file():
         recs, _ = read_records(path, "gsm8k")
         items += [("gsm8k", recs.record(i).messages) for i in range(min(n_per_task, len(recs)))]

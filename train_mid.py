@@ -50,7 +50,7 @@ eval_every = 75               # steps between evaluations (the T4 guide: 75); -1
 checkpoint_interval = 500     # -1 = only at the end
 eval_tokens = -1              # validation tokens per evaluation; -1 = 10 x total_batch_size, at most 524288
 eval_examples_per_task = 20   # held-out items per task for exact-match accuracy; 0 = off
-gsm8k_test = ""               # GSM8K test JSONL for accuracy; "" = $NANOCHAT_BASE_DIR/data/gsm8k_test.jsonl if present
+gsm8k_test = ""               # GSM8K test file for accuracy; "" = $NANOCHAT_BASE_DIR/data/gsm8k_test.jsonl or .parquet
 # -----------------------------------------------------------------------------------------------------------
 
 

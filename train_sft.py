@@ -48,7 +48,7 @@ weight_decay = 0.0            # decoupled weight decay (AdamW: 2-D weights only;
 eval_every = 50               # steps between evaluations (the T4 guide: 50); -1 = only at the end
 checkpoint_interval = 200     # -1 = only at the end
 eval_examples_per_task = 20   # held-out items per task for exact-match accuracy; 0 = off
-gsm8k_test = ""               # GSM8K test JSONL for accuracy; "" = $NANOCHAT_BASE_DIR/data/gsm8k_test.jsonl if present
+gsm8k_test = ""               # GSM8K test file for accuracy; "" = $NANOCHAT_BASE_DIR/data/gsm8k_test.jsonl or .parquet
 # -----------------------------------------------------------------------------------------------------------
 
 

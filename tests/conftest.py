@@ -28,21 +28,10 @@ def base_dir(tmp_path, monkeypatch):
 
 # ---- the shared tiny pipeline: a generated corpus and a tiny-model command line -----------------------------
 
-def make_corpus(root, n_shards=3, docs_per_shard=300, rows_per_group=100, seed=0):
-    """Parquet shards of synthetic English-ish text with structure a tiny model learns in a few steps."""
-    import random
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    rng = random.Random(seed)
-    subjects = ["the cat", "a dog", "my friend", "the teacher", "our robot", "the bird"]
-    verbs = ["sees", "likes", "finds", "brings", "paints", "counts"]
-    objects = ["the red ball", "a small box", "three apples", "the old map", "a blue cup", "seven stones"]
-    root.mkdir(parents=True, exist_ok=True)
-    for s in range(n_shards):
-        docs = [" ".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}."
-                         for _ in range(rng.randint(2, 8))) for _ in range(docs_per_shard)]
-        pq.write_table(pa.table({"text": docs}), root / f"shard_{s:05d}.parquet", row_group_size=rows_per_group)
-    return root
+def make_corpus(root, **kw):
+    """The built-in offline corpus (prepare_data.builtin_corpus): synthetic text a tiny model learns quickly."""
+    from prepare_data import builtin_corpus
+    return builtin_corpus(root, **kw)
 
 
 @pytest.fixture(scope="session")

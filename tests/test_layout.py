@@ -14,7 +14,8 @@ from conftest import REPO
 BOTTOM = {"configurator", "optim", "model", "chat_format", "tokenizer"}
 MIDDLE = {"common", "defaults", "schedule", "checkpoint", "trainer", "dataloader", "conversations",
           "conversation_loader", "tasks", "evaluate", "engine"}
-TOP = {"train_base", "train_mid", "train_sft", "finetune_dolly", "chat", "bench", "bench_baseline"}
+TOP = {"train_base", "train_mid", "train_sft", "finetune_dolly", "chat", "bench", "bench_baseline", "prepare_data",
+       "check_gpus"}
 
 
 def _imports(name):

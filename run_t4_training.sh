@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# run_t4_training.sh: the whole pipeline on 4x T4 (16 GB, fp16), the T4 guide's full run: data, base (depth 12),
+# mid, SFT, Dolly-15k finetuning, evaluation (when eval.py is there), and the command to chat.
+#   Settings: the T4 guide's, which are the stage scripts' defaults (base: seq 1024, 4 x 4 GPUs x 8 accumulation =
+#   131,072 tokens/step; mid: 65,536 tokens/step; SFT: 8 conversations/step; Dolly: the nano-gpt guide's 1,750 steps).
+#   Time on 4x T4: base ~20 h at 20 tokens/parameter (set BASE_ARGS=--max_steps=N to cut it: the guide's 2-4 h is
+#   ~2,000 steps), mid ~1-2 h, SFT < 1 h, Dolly ~1 h. Disk: ~7 GB (64 FineWeb-Edu shards) + ~2 GB checkpoints.
+# Knobs (environment, default): NPROC (4), DEPTH (12), RUN_NAME (d$DEPTH), NUM_SHARDS (64), DATA_ROOT, MIXTURE
+#   (SmolTalk + GSM8K + built-in tasks), DOLLY_PATH, BASE_ARGS / MID_ARGS / SFT_ARGS / DOLLY_ARGS (extra flags for one
+#   stage), DRY_RUN=1, and those of run_common.sh. Arguments go to every stage: bash run_t4_training.sh --dtype=float16
+# The other setups (run_3x3080.sh, run_rtx4060_laptop.sh, run_single_gpu.sh, run_cpu.sh, run_multinode.sh) are this
+# script with their own settings. Rerun after a kill: each stage resumes; finished stages are skipped.
+set -euo pipefail
+cd "$(dirname "$0")"
+source ./run_common.sh
+
+NPROC=${NPROC:-4}
+DEPTH=${DEPTH:-12}
+RUN_NAME=${RUN_NAME:-d$DEPTH}
+# the T4 guide's settings, spelled out (they are also the stage scripts' defaults); a preset script that sets
+# BASE_ARGS / MID_ARGS / SFT_ARGS (even to "") replaces them
+read -r -a BASE_X <<< "${BASE_ARGS---max_seq_len=1024 --device_batch_size=4 --total_batch_size=131072 --eval_every=100}"
+read -r -a MID_X <<< "${MID_ARGS---device_batch_size=2 --total_batch_size=65536 --eval_every=75}"
+read -r -a SFT_X <<< "${SFT_ARGS---device_batch_size=1 --target_examples_per_step=8 --eval_every=50}"
+read -r -a DOLLY_X <<< "${DOLLY_ARGS:-}"
+
+# ---- data ----
+if [ -z "${DATA_ROOT:-}" ] || [ -z "${DOLLY_PATH:-}" ] || [ -z "${MIXTURE+x}" ]; then
+  run "$PYTHON" prepare_data.py --what=base,chat,dolly --num_shards="${NUM_SHARDS:-64}"
+fi
+pick_data
+pick_mixture
+check_collectives
+
+# ---- stages ----
+CK=$BASE_DIR
+stage "$CK/checkpoints/$RUN_NAME" train_base.py --depth="$DEPTH" --data_root="$DATA_ROOT" --run_name="$RUN_NAME" \
+  "${BASE_X[@]}" "$@"
+stage "$CK/mid_checkpoints/$RUN_NAME" train_mid.py --pretrained_checkpoint="$CK/checkpoints/$RUN_NAME" \
+  --mixture="$MIXTURE" --run_name="$RUN_NAME" "${MID_X[@]}" "$@"
+stage "$CK/chatsft_checkpoints/$RUN_NAME" train_sft.py --pretrained_checkpoint="$CK/mid_checkpoints/$RUN_NAME" \
+  --mixture="$MIXTURE" --run_name="$RUN_NAME" "${SFT_X[@]}" "$@"
+stage "$CK/dolly_checkpoints/$RUN_NAME" finetune_dolly.py --pretrained_checkpoint="$CK/chatsft_checkpoints/$RUN_NAME" \
+  --dolly_path="$DOLLY_PATH" --run_name="$RUN_NAME" "${DOLLY_X[@]}" "$@"
+if [ -f eval.py ]; then
+  launch eval.py --checkpoint="$CK/dolly_checkpoints/$RUN_NAME"
+fi
+echo "done. Chat with the SFT model: python chat.py --checkpoint=$CK/chatsft_checkpoints/$RUN_NAME"
+echo "      or the Dolly-finetuned one: python chat.py --checkpoint=$CK/dolly_checkpoints/$RUN_NAME"
