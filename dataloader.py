@@ -15,6 +15,7 @@ step, exactly the windows that W processes with accumulation A/W see. state_dict
 data, identical on every rank, so a run saved on W ranks resumes on W' ranks with the same global stream.
 """
 import glob
+import json
 import itertools
 import queue
 import threading
@@ -566,3 +567,47 @@ class PretrainLoader:
             self.close()
         except Exception:  # interpreter shutdown: modules may already be gone
             pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# documents of any text file (for conversion to shards and tokenizer training)
+# ---------------------------------------------------------------------------------------------------
+
+def iter_documents(path):
+    """The documents of one file, streamed: a .txt's blank-line-separated blocks, a .jsonl's or .parquet's `text`
+    (or `prompt` + `response`, joined as the stream joins them). prepare_data.py's --convert and
+    train_tokenizer.py read files through this."""
+    path = Path(path)
+    if path.suffix == ".txt":
+        block = []
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.strip():
+                    block.append(line)
+                elif block:
+                    yield "".join(block).strip()
+                    block = []
+        if block:
+            yield "".join(block).strip()
+    elif path.suffix == ".jsonl":
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                text = row.get("text") if isinstance(row, dict) else None
+                if text is None and isinstance(row, dict) and "prompt" in row and "response" in row:
+                    text = f"{row['prompt']}\n{row['response']}"
+                if isinstance(text, str) and text.strip():
+                    yield text
+    elif path.suffix == ".parquet":
+        pf = pq.ParquetFile(path)
+        cols = ["text"] if "text" in pf.schema_arrow.names else ["prompt", "response"]
+        for batch in pf.iter_batches(batch_size=1024, columns=cols):
+            for row in batch.to_pylist():
+                text = row["text"] if cols == ["text"] else f"{row['prompt']}\n{row['response']}"
+                if text and text.strip():
+                    yield text
+    else:
+        raise UserError(f"{path} is not .txt, .jsonl or .parquet: the text files we read")

@@ -27,7 +27,11 @@ resume = False                # continue from checkpoint_path (--resume=<path> s
 checkpoint_path = ""          # the checkpoint to resume (a ckpt_*.pt or a run folder)
 out_dir = ""                  # "" = $NANOCHAT_BASE_DIR/<the stage's folder>/<run_name>
 run_name = ""                 # "" = the name of the run it starts from (base: d<depth>)
+# before training
+preflight = False             # print memory per device and run time for these settings on --gpu, then exit
+gpu = ""                      # preflight's GPU: T4, 4xT4, RTX3080_20GB, RTX4060_8GB, A100_40GB... ("" = this one)
 # runtime
+tokenizer = ""                # "" = the one the checkpoint it starts from recorded (base: gpt2); a path must match it
 device = "auto"               # auto | cpu | cuda | cuda:N
 dtype = "auto"                # auto (bf16 on sm>=8.0, fp16+GradScaler below, fp32 on CPU) | float32|float16|bfloat16
 compile = None                # torch.compile; None = auto (CUDA sm>=7.0, not Windows)

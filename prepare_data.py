@@ -27,6 +27,7 @@ from pathlib import Path
 import common
 from common import UserError, print0
 from configurator import apply_overrides
+from dataloader import iter_documents
 
 # ---- config (module globals; override with --key=value; -h lists them) -----------------------------------------
 what = "base,chat,dolly"      # what to fetch: base (FineWeb-Edu shards), chat (SmolTalk + GSM8K), dolly
@@ -225,45 +226,6 @@ def online(timeout_s=5.0) -> bool:
 
 # ---- local files -> shards ----
 
-def _documents(path: Path):
-    """The documents of one input file: a .txt's blank-line-separated blocks, a .jsonl's or .parquet's `text`
-    (or `prompt` + `response`, joined as the pretraining loader joins them)."""
-    if path.suffix == ".txt":
-        block = []
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.strip():
-                    block.append(line)
-                elif block:
-                    yield "".join(block).strip()
-                    block = []
-        if block:
-            yield "".join(block).strip()
-    elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                text = row.get("text") if isinstance(row, dict) else None
-                if text is None and isinstance(row, dict) and "prompt" in row and "response" in row:
-                    text = f"{row['prompt']}\n{row['response']}"
-                if isinstance(text, str) and text.strip():
-                    yield text
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-        pf = pq.ParquetFile(path)
-        cols = ["text"] if "text" in pf.schema_arrow.names else ["prompt", "response"]
-        for batch in pf.iter_batches(batch_size=1024, columns=cols):
-            for row in batch.to_pylist():
-                text = row["text"] if cols == ["text"] else f"{row['prompt']}\n{row['response']}"
-                if text and text.strip():
-                    yield text
-    else:
-        raise UserError(f"convert: {path} is not .txt, .jsonl or .parquet")
-
-
 def _inputs(spec) -> list:
     paths = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
@@ -344,7 +306,7 @@ def convert_files(spec, out_dir, rows_per_shard=200000) -> tuple:
         raise UserError(f"convert: {out} already holds parquet shards; pick an empty --data_root")
     writer = ShardWriter(out, rows_per_shard)
     for path in _inputs(spec):
-        for text in _documents(path):
+        for text in iter_documents(path):
             writer.add(text)
     n_train, n_val = writer.close()
     if n_val == 0:

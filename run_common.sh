@@ -9,7 +9,8 @@ BASE_DIR=$NANOCHAT_BASE_DIR
 PYTHON=${PYTHON:-python}
 # one thread per process unless told otherwise: torchrun starts one process per GPU, and more threads than
 # cores only adds contention (torchrun would set 1 itself, with a warning)
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc 2>/dev/null || echo 2) > 8 ? 8 : $(nproc 2>/dev/null || echo 2) ))}
+CORES=$(nproc 2>/dev/null || echo 2)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES > 8 ? 8 : CORES ))}
 # the CUDA caching allocator grows segments instead of fragmenting: fewer OOMs late in a run
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
@@ -39,6 +40,10 @@ finished() {  # the run folder's newest checkpoint is its final one (ckpt_<step>
   local last
   last=$(ls "$1"/ckpt_*.json 2>/dev/null | sort | tail -n 1)
   [ -n "$last" ] && grep -q '"final": true' "$last"
+}
+
+want() {  # want <stage>: STAGES (comma-separated; default all) names it
+  [[ ",${STAGES:-base,mid,sft,dolly,eval}," == *",$1,"* ]]
 }
 
 stage() {  # stage <run folder> <script> [args...]: skip a finished stage, else run it, continuing any checkpoint

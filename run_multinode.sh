@@ -4,9 +4,9 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=192.168.1.1 MASTER_PORT=29500 bash run_multinode.sh     # on 192.168.1.1
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=192.168.1.1 MASTER_PORT=29500 bash run_multinode.sh     # on the other node
 # NPROC: GPUs per node (default: all found). The global batch stays the T4 guide's, so the accumulation shrinks
-# with the GPU count. Each node prepares its own data; checkpoints are written by global rank 0 (the master node):
-# to resume on another master, copy its checkpoint folders. Without InfiniBand set NCCL_IB_DISABLE=1, and
-# NCCL_SOCKET_IFNAME=<interface> when the nodes have several networks.
+# with the GPU count. NANOCHAT_BASE_DIR must be a folder every node sees (NFS or the like): global rank 0 writes the
+# checkpoints, and each later stage starts from the one before on every node. Without InfiniBand set
+# NCCL_IB_DISABLE=1, and NCCL_SOCKET_IFNAME=<interface> when the nodes have several networks.
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./run_common.sh

@@ -46,11 +46,13 @@ check_collectives
 # ---- the four stages, each from the one before ----
 CK=$BASE_DIR
 stage "$CK/checkpoints/$RUN_NAME" train_base.py "${BASE[@]}" --data_root="$DATA_ROOT" --run_name="$RUN_NAME" \
-  --max_steps="$BASE_STEPS" --eval_every=$(( (BASE_STEPS + 1) / 2 )) --checkpoint_interval=$(( (BASE_STEPS + 1) / 2 )) "$@"
+  --max_steps="$BASE_STEPS" --eval_every=$(( (BASE_STEPS + 1) / 2 )) \
+  --checkpoint_interval=$(( (BASE_STEPS + 1) / 2 )) "$@"
 stage "$CK/mid_checkpoints/$RUN_NAME" train_mid.py "${MID[@]}" --pretrained_checkpoint="$CK/checkpoints/$RUN_NAME" \
   --mixture="${MIXTURE:-}" --run_name="$RUN_NAME" --max_steps="$MID_STEPS" --eval_every=$(( (MID_STEPS + 1) / 2 )) \
   --checkpoint_interval=$(( (MID_STEPS + 1) / 2 )) "$@"
-stage "$CK/chatsft_checkpoints/$RUN_NAME" train_sft.py "${SFT[@]}" --pretrained_checkpoint="$CK/mid_checkpoints/$RUN_NAME" \
+stage "$CK/chatsft_checkpoints/$RUN_NAME" train_sft.py "${SFT[@]}" \
+  --pretrained_checkpoint="$CK/mid_checkpoints/$RUN_NAME" \
   --mixture="${MIXTURE:-}" --run_name="$RUN_NAME" --max_steps="$SFT_STEPS" --eval_every=$(( (SFT_STEPS + 1) / 2 )) \
   --checkpoint_interval=$(( (SFT_STEPS + 1) / 2 )) "$@"
 stage "$CK/dolly_checkpoints/$RUN_NAME" finetune_dolly.py "${DOLLY[@]}" \

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# run_t4_training.sh: the whole pipeline on 4x T4 (16 GB, fp16), the T4 guide's full run: data, base (depth 12),
-# mid, SFT, Dolly-15k finetuning, evaluation (when eval.py is there), and the command to chat.
+# run_t4_training.sh: the whole pipeline on 4x T4 (16 GB, fp16), the T4 guide's full run: data, our own tokenizer,
+# base (depth 12), mid, SFT, Dolly-15k finetuning, evaluation (when eval.py is there), and the command to chat.
 #   Settings: the T4 guide's, which are the stage scripts' defaults (base: seq 1024, 4 x 4 GPUs x 8 accumulation =
 #   131,072 tokens/step; mid: 65,536 tokens/step; SFT: 8 conversations/step; Dolly: the nano-gpt guide's 1,750 steps).
-#   Time on 4x T4: base ~20 h at 20 tokens/parameter (set BASE_ARGS=--max_steps=N to cut it: the guide's 2-4 h is
-#   ~2,000 steps), mid ~1-2 h, SFT < 1 h, Dolly ~1 h. Disk: ~7 GB (64 FineWeb-Edu shards) + ~2 GB checkpoints.
-# Knobs (environment, default): NPROC (4), DEPTH (12), RUN_NAME (d$DEPTH), NUM_SHARDS (64), DATA_ROOT, MIXTURE
-#   (SmolTalk + GSM8K + built-in tasks), DOLLY_PATH, BASE_ARGS / MID_ARGS / SFT_ARGS / DOLLY_ARGS (extra flags for one
-#   stage), DRY_RUN=1, and those of run_common.sh. Arguments go to every stage: bash run_t4_training.sh --dtype=float16
+#   Time on 4x T4 (python train_base.py --preflight=True --gpu=4xT4): base ~10 h at 20 tokens/parameter, more than
+#   the guide's 2-4 h, which is BASE_ARGS="--max_steps=5000 ..." to 10,000; mid ~1-2 h, SFT < 1 h, Dolly ~1 h.
+#   Disk: ~7 GB (64 FineWeb-Edu shards) + ~2 GB of checkpoints.
+# Knobs (environment, default): NPROC (4), DEPTH (12), RUN_NAME (d$DEPTH), NUM_SHARDS (64), TOKENIZER (our own BPE,
+#   trained first; gpt2 for GPT-2's), DATA_ROOT, MIXTURE (SmolTalk + GSM8K + built-in tasks), DOLLY_PATH,
+#   BASE_ARGS / MID_ARGS / SFT_ARGS / DOLLY_ARGS (extra flags for one stage), STAGES (base,mid,sft,dolly,eval: the
+#   ones to run), DRY_RUN=1, and those of run_common.sh. Arguments go to every stage:
+#   bash run_t4_training.sh --device_batch_size=2
 # The other setups (run_3x3080.sh, run_rtx4060_laptop.sh, run_single_gpu.sh, run_cpu.sh, run_multinode.sh) are this
 # script with their own settings. Rerun after a kill: each stage resumes; finished stages are skipped.
 set -euo pipefail
@@ -30,19 +33,25 @@ if [ -z "${DATA_ROOT:-}" ] || [ -z "${DOLLY_PATH:-}" ] || [ -z "${MIXTURE+x}" ];
 fi
 pick_data
 pick_mixture
+# ---- tokenizer: our own BPE on the pretraining text (TOKENIZER=gpt2 to use GPT-2's, or a folder of your own) ----
+TOKENIZER=${TOKENIZER:-$BASE_DIR/tokenizer}
+if [ "$TOKENIZER" = "$BASE_DIR/tokenizer" ] && [ ! -f "$TOKENIZER/bpe_config.json" ]; then
+  run "$PYTHON" train_tokenizer.py --data_root="$DATA_ROOT" --out_dir="$TOKENIZER"
+fi
 check_collectives
 
 # ---- stages ----
 CK=$BASE_DIR
-stage "$CK/checkpoints/$RUN_NAME" train_base.py --depth="$DEPTH" --data_root="$DATA_ROOT" --run_name="$RUN_NAME" \
-  "${BASE_X[@]}" "$@"
-stage "$CK/mid_checkpoints/$RUN_NAME" train_mid.py --pretrained_checkpoint="$CK/checkpoints/$RUN_NAME" \
+want base && stage "$CK/checkpoints/$RUN_NAME" train_base.py --depth="$DEPTH" --tokenizer="$TOKENIZER" \
+  --data_root="$DATA_ROOT" --run_name="$RUN_NAME" "${BASE_X[@]}" "$@"
+want mid && stage "$CK/mid_checkpoints/$RUN_NAME" train_mid.py --pretrained_checkpoint="$CK/checkpoints/$RUN_NAME" \
   --mixture="$MIXTURE" --run_name="$RUN_NAME" "${MID_X[@]}" "$@"
-stage "$CK/chatsft_checkpoints/$RUN_NAME" train_sft.py --pretrained_checkpoint="$CK/mid_checkpoints/$RUN_NAME" \
-  --mixture="$MIXTURE" --run_name="$RUN_NAME" "${SFT_X[@]}" "$@"
-stage "$CK/dolly_checkpoints/$RUN_NAME" finetune_dolly.py --pretrained_checkpoint="$CK/chatsft_checkpoints/$RUN_NAME" \
-  --dolly_path="$DOLLY_PATH" --run_name="$RUN_NAME" "${DOLLY_X[@]}" "$@"
-if [ -f eval.py ]; then
+want sft && stage "$CK/chatsft_checkpoints/$RUN_NAME" train_sft.py \
+  --pretrained_checkpoint="$CK/mid_checkpoints/$RUN_NAME" --mixture="$MIXTURE" --run_name="$RUN_NAME" "${SFT_X[@]}" "$@"
+want dolly && stage "$CK/dolly_checkpoints/$RUN_NAME" finetune_dolly.py \
+  --pretrained_checkpoint="$CK/chatsft_checkpoints/$RUN_NAME" --dolly_path="$DOLLY_PATH" --run_name="$RUN_NAME" \
+  "${DOLLY_X[@]}" "$@"
+if want eval && [ -f eval.py ]; then
   launch eval.py --checkpoint="$CK/dolly_checkpoints/$RUN_NAME"
 fi
 echo "done. Chat with the SFT model: python chat.py --checkpoint=$CK/chatsft_checkpoints/$RUN_NAME"

@@ -24,7 +24,7 @@ n_embd = -1                   # model width; -1 = 64 * depth
 n_head = -1                   # attention heads; -1 = width / 128
 n_kv_head = -1                # key/value heads (grouped-query attention when < n_head); -1 = n_head
 max_seq_len = 1024            # tokens per sequence (the T4 guide: 1024; lower it first when out of memory)
-tokenizer = "gpt2"            # gpt2 | bytes (tiny smoke tests) | <path to a trained BPE>
+tokenizer = "gpt2"            # gpt2 | bytes (tiny smoke tests) | a folder from train_tokenizer.py
 # data
 data_root = ""                # folder of parquet shards; "" = $NANOCHAT_BASE_DIR/base_data
 val_files = ""                # comma-separated shard names for validation; "" = the last shard

@@ -236,6 +236,11 @@ class Trainer:
         'base_lr'); loss_fn(model, x, y) -> summed loss (default: cross_entropy_sum); evaluate(raw_model, step) ->
         dict of metrics (val_loss drives keep_best_n); sample(raw_model) runs on rank 0 every sample_every."""
         c, raw_model = self.c, model
+        if c.get("preflight"):  # will it fit, how long will it take: then stop before the first step
+            import preflight
+            preflight.report(model, optimizer, c=c, schedule=schedule, world_size=self.world_size, accum=accum,
+                             tokens_per_step=self.tokens_per_step(accum), device=self.device, print0=print0)
+            return model
         loss_fn = loss_fn or cross_entropy_sum
         for group in optimizer.param_groups:  # the schedule scales every group from its own peak
             group.setdefault("base_lr", group["lr"])
@@ -352,6 +357,13 @@ class Trainer:
             model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
         return model
 
+    def tokens_per_step(self, accum) -> int:
+        """Tokens of one optimizer step over all ranks; for examples (SFT, Dolly) at most, every one max_seq_len."""
+        c = self.c
+        if "target_examples_per_step" in c:
+            return c["target_examples_per_step"] * c["max_seq_len"]
+        return c["device_batch_size"] * c["max_seq_len"] * self.world_size * accum
+
     def describe_batch(self, accum) -> str:
         """The header's batch line: tokens per step (base, mid) or examples per step (SFT: conversations, Dolly:
         rows), and how it is made of sequences, GPUs and accumulation."""
@@ -360,7 +372,7 @@ class Trainer:
             unit = {"sft": "conversations"}.get(self.name, "rows")
             return (f"{c['target_examples_per_step']} {unit}/step = {c['device_batch_size']} x {w} GPUs x "
                     f"{accum} accumulation")
-        total = c["device_batch_size"] * c["max_seq_len"] * w * accum
+        total = self.tokens_per_step(accum)
         return (f"{total:,} tokens/step = {c['device_batch_size']} seqs x {c['max_seq_len']} tokens x {w} GPUs x "
                 f"{accum} accumulation")
 

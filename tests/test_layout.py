@@ -13,9 +13,9 @@ from conftest import REPO
 # processes or globals.
 BOTTOM = {"configurator", "optim", "model", "chat_format", "tokenizer"}
 MIDDLE = {"common", "defaults", "schedule", "checkpoint", "trainer", "dataloader", "conversations",
-          "conversation_loader", "tasks", "evaluate", "engine"}
+          "conversation_loader", "tasks", "evaluate", "engine", "preflight"}
 TOP = {"train_base", "train_mid", "train_sft", "finetune_dolly", "chat", "bench", "bench_baseline", "prepare_data",
-       "check_gpus"}
+       "check_gpus", "train_tokenizer"}
 
 
 def _imports(name):

@@ -134,3 +134,36 @@ def test_quick_test_offline_on_cpu_runs_every_stage_skips_and_resumes(tmp_path):
     assert p.returncode == 0 and p.stdout.count("[done]") == 4, p.stdout[-2000:]
     assert not re.search(r"^training \d+ steps", p.stdout, re.M), p.stdout[-2000:]
     assert time.time() - t0 < 30
+
+
+@pytest.mark.slow
+def test_run_multinode_as_two_local_nodes_trains_like_one_process(tiny_corpus, tmp_path):
+    """run_multinode.sh started twice on 127.0.0.1 (node_rank 0 and 1, one CPU process each) trains the base stage
+    like one process with the same total batch, after its all-reduce self-check across the two nodes."""
+    import socket
+    from conftest import read_metrics, run_script
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tiny = ["--n_embd=64", "--max_seq_len=64", "--device_batch_size=4", "--total_batch_size=1024", "--max_steps=6",
+            "--eval_every=3", "--checkpoint_interval=3", "--eval_tokens=1024", "--sample_every=-1", "--device=cpu",
+            "--compile=False"]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+           "NANOCHAT_BASE_DIR": str(tmp_path / "nc"), "NNODES": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "NPROC": "1", "DEPTH": "2", "TOKENIZER": "bytes", "DATA_ROOT": str(tiny_corpus),
+           "DOLLY_PATH": "-", "MIXTURE": "", "STAGES": "base", "BASE_ARGS": " ".join(tiny), "CHECK_TIMEOUT": "60"}
+    nodes = [subprocess.Popen(["bash", str(REPO / "run_multinode.sh")], cwd=REPO, env={**env, "NODE_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "GPU self-check: all-reduce over 2 process(es)" in outs[0]
+    assert "1,024 tokens/step = 4 seqs x 64 tokens x 2 GPUs x 2 accumulation" in outs[0]
+    one = tmp_path / "one"
+    run_script("train_base.py", "--tokenizer=bytes", "--depth=2", f"--data_root={tiny_corpus}", f"--out_dir={one}",
+               *tiny)
+    l1, l2 = read_metrics(one), read_metrics(tmp_path / "nc" / "checkpoints" / "d2")
+    assert sorted(l1) == sorted(l2) == list(range(6))
+    for s in range(6):
+        assert l2[s]["loss"] == pytest.approx(l1[s]["loss"], rel=1e-4), s
+    assert read_metrics(tmp_path / "nc" / "checkpoints" / "d2", "eval")[6]["val_loss"] == pytest.approx(
+        read_metrics(one, "eval")[6]["val_loss"], rel=1e-4)
