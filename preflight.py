@@ -13,15 +13,18 @@ weight copies); the chunked loss adds its float32 gradients and one 64 MB chunk 
 tokens / (the GPU's peak x the MFU we expect there x GPUs). The expected MFU is an assumption until measured on
 that card (BENCHMARKS.md has the measured ones).
 """
+import os
+import re
 import sys
 
 import torch
 
-# name: (memory in GiB, compute capability, common.PEAK_FLOPS name, expected MFU). Memory is the card's; we keep
+# name: (memory in GiB, compute capability, common.PEAK_FLOPS name, expected MFU). Memory is what torch sees on
+# the card (a "16 GB" T4 has 15,360 MiB); we keep
 # 0.5 GiB for the CUDA context and allocator slack. The expected MFU of a ~100 M-parameter model at these batch
 # sizes (our assumption, to be replaced by measurements): Turing 30 %, Ampere/Ada 35 %, Hopper 40 %.
 GPUS = {
-    "T4": (16, (7, 5), "t4", 0.30), "V100_16GB": (16, (7, 0), "v100", 0.30), "V100_32GB": (32, (7, 0), "v100", 0.30),
+    "T4": (15, (7, 5), "t4", 0.30), "V100_16GB": (16, (7, 0), "v100", 0.30), "V100_32GB": (32, (7, 0), "v100", 0.30),
     "RTX2080TI": (11, (7, 5), "2080", 0.30), "RTX3060_12GB": (12, (8, 6), "3060", 0.35),
     "RTX3080_10GB": (10, (8, 6), "3080", 0.35), "RTX3080_20GB": (20, (8, 6), "3080", 0.35),
     "RTX3090": (24, (8, 6), "3090", 0.35), "RTX4060_8GB": (8, (8, 9), "4060 laptop", 0.35),
@@ -121,10 +124,14 @@ def estimate(model, optimizer, *, device_batch_size, seq_len, dtype, gradient_ch
 def report(model, optimizer, *, c, schedule, world_size, accum, tokens_per_step, device, print0):
     """The preflight table for a stage about to train, and the largest device_batch_size that fits."""
     import common
-    name = c.get("gpu", "")
-    count, _, name = name.rpartition("x") if "x" in name.lower()[:3] and name[0].isdigit() else ("", "", name)
-    if count:  # --gpu=4xT4: the same global batch on 4 GPUs, so a quarter of the accumulation
-        accum, world_size = max(1, accum * world_size // int(count)), int(count)
+    m = re.fullmatch(r"(\d+)[xX](.+)", c.get("gpu", ""))
+    name = m.group(2) if m else c.get("gpu", "")
+    if m:  # --gpu=4xT4: the same global batch on 4 GPUs, so the accumulation per GPU changes (unless the user
+        # gave grad_accum_steps, which is per GPU: then the global batch grows instead)
+        if c.get("grad_accum_steps", -1) <= 0:
+            accum = accum * world_size / int(m.group(1))
+            accum = int(accum) if accum == int(accum) else f"{accum:.2f} (not a whole number: change the batch)"
+        world_size = int(m.group(1))
     label, memory, cap, peak_name, mfu = gpu_spec(name, device)
     dtype, why = common.pick_dtype(torch.device("cuda"), c.get("dtype", "auto"), capability=cap)
     seq, batch = c["max_seq_len"], c["device_batch_size"]
@@ -200,7 +207,7 @@ def main():
     print(f"{'model':<26}{'tokens':>8}{'estimate':>11}{'measured':>11}{'ratio':>8}")
     for depth, width, batch, seq in ((4, 256, 16, 1024), (6, 384, 16, 1024)):
         out = subprocess.run([sys.executable, __file__, "--measure", str(depth), str(width), str(batch), str(seq)],
-                             capture_output=True, text=True, check=True, env={"OMP_NUM_THREADS": "2"})
+                             capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
         want, got = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{f'depth {depth} width {width}':<26}{batch * seq:>8,}{want / GIB:>10.2f}G{got / GIB:>10.2f}G"
               f"{want / got:>8.2f}")

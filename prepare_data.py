@@ -13,9 +13,11 @@ bytes it has (HTTP Range); failures are retried with back-off; several files dow
 pyarrow: no `datasets` package. With no network and no data, it says so and writes the built-in offline corpus
 (generated text and Dolly-format instructions, enough to see every stage work) instead.
 """
+import http.client
 import json
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -86,7 +88,7 @@ class Progress:
         with self.lock:
             self.done += n
             now = time.time()
-            if now - self.last > 0.5 or self.done >= self.total > 0:
+            if now - self.last > 0.5:
                 self.last = now
                 rate = self.done / max(now - self.t0, 1e-6)
                 total = f"{self.total / 1e6:,.1f}" if self.total else "?"
@@ -122,20 +124,46 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+class _KeepRedirectHeaders(urllib.request.HTTPRedirectHandler):
+    """Hugging Face answers a file request with a redirect to its CDN; the redirect carries X-Linked-Etag (the
+    file's sha256) and X-Linked-Size, which the CDN's answer does not. We keep them."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:  # every hop points back at the request we made, which collects the headers
+            new.origin = origin = getattr(req, "origin", req)
+            origin.linked = {**{k: headers[k] for k in ("X-Linked-Etag", "X-Linked-Size") if headers.get(k)},
+                             **getattr(origin, "linked", {})}
+        return new
+
+
+_OPENER = urllib.request.build_opener(_KeepRedirectHeaders)
+
+
+def _sha_of(etag):
+    etag = (etag or "").strip().removeprefix("W/").strip('"').lower()
+    return etag if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag) else None
+
+
 def _attempt(url, part: Path, timeout_s, progress):
     """One HTTP request, appended to `part` from the bytes it already has. Returns (expected size or None,
     expected sha256 or None)."""
     have = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": "t4chat-prepare-data", **({"Range": f"bytes={have}-"} if have else {})}
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s) as r:
-        if r.status == 206:  # the server resumes: Content-Range: bytes <start>-<end>/<total>
-            total = int(r.headers["Content-Range"].rsplit("/", 1)[1])
-        else:                # a full answer: start over
+    req = urllib.request.Request(url, headers={"User-Agent": "t4chat-prepare-data",
+                                               **({"Range": f"bytes={have}-"} if have else {})})
+    with _OPENER.open(req, timeout=timeout_s) as r:
+        span = r.headers.get("Content-Range", "")  # "bytes <start>-<end>/<total>"
+        m = re.fullmatch(r"bytes (\d+)-\d+/(\d+)", span.strip())
+        if r.status == 206 and m and int(m.group(1)) == have:  # the server resumes where we are
+            total = int(m.group(2))
+        else:  # a full answer (or a resume we cannot trust): start over
+            if have and progress:
+                progress.add(-have)
             have, length = 0, r.headers.get("Content-Length")
-            total = int(length) if length else None
-        # Hugging Face serves LFS files with their sha256 as the ETag (X-Linked-Etag before the redirect)
-        etag = (r.headers.get("X-Linked-Etag") or r.headers.get("ETag") or "").strip('W/"')
-        sha = etag.lower() if len(etag) == 64 and all(c in "0123456789abcdefABCDEF" for c in etag) else None
+            total = int(length) if length and r.status == 200 else None
+        linked = getattr(req, "linked", {})  # what the redirects said (see _KeepRedirectHeaders)
+        sha = _sha_of(linked.get("X-Linked-Etag")) or _sha_of(r.headers.get("X-Linked-Etag")) \
+            or _sha_of(r.headers.get("ETag"))
         if total is not None and progress:
             progress.expect(total - have)
         with open(part, "ab" if have else "wb") as f:
@@ -173,7 +201,15 @@ def download(url, dest, *, retries=5, timeout=60.0, progress=None, backoff=1.0) 
             os.replace(part, dest)
             return dest
         except urllib.error.HTTPError as e:
-            if e.code == 416:  # our partial file is not a prefix of theirs (the file changed): start over
+            if e.code == 416:  # nothing after our bytes: complete already (a kill before the rename), or the
+                m = re.fullmatch(r"bytes \*/(\d+)", (e.headers.get("Content-Range") or "").strip())  # file changed
+                if m and part.exists() and part.stat().st_size == int(m.group(1)):
+                    try:
+                        _check_format(part, dest.name)
+                        os.replace(part, dest)
+                        return dest
+                    except _Corrupt:
+                        pass
                 part.unlink(missing_ok=True)
                 last = "the server refused to resume (HTTP 416)"
                 continue
@@ -185,7 +221,7 @@ def download(url, dest, *, retries=5, timeout=60.0, progress=None, backoff=1.0) 
         except _Corrupt as e:
             part.unlink(missing_ok=True)  # never left behind where a stage or the next attempt could read it
             last = f"the downloaded file was corrupt: {e}"
-        except (urllib.error.URLError, OSError, TimeoutError) as e:
+        except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as e:
             last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
     raise DownloadError(f"{url}: failed after {max(1, retries)} attempt(s), last: {last}. Check the network (or set "
                         f"HF_ENDPOINT to a mirror you can reach, now {endpoint()}), then run prepare_data.py again: "
@@ -243,7 +279,7 @@ def _inputs(spec) -> list:
 
 class ShardWriter:
     """Streams documents into shard_00000.parquet, shard_00001.parquet, ... of `rows_per_shard` rows (row groups
-    of 1,024), every 20th document into a validation shard written last, so memory holds one row group."""
+    of 1,024), every 20th document into val.parquet, so memory holds one row group."""
 
     def __init__(self, out_dir, rows_per_shard):
         self.out, self.rows_per_shard = Path(out_dir), rows_per_shard
@@ -286,16 +322,22 @@ class ShardWriter:
         self._flush("train")
         if self.train is not None:
             self.train.close()
-            name = f"shard_{self.shards:05d}.parquet"
-            os.replace(self.out / (name + ".tmp"), self.out / name)
             self.train, self.shards = None, self.shards + 1
 
     def close(self) -> tuple:
+        """Renames every shard into place at once, so a failed conversion leaves no shard a stage could read.
+        val.parquet sorts after every shard_*.parquet: the loader's 'last shard is validation' rule holds."""
         self._close_train()
         self._flush("val")
-        if self.val is not None:  # the last shard in name order is the validation one
+        if self.val is not None:
             self.val.close()
-            os.replace(self.out / "val.parquet.tmp", self.out / f"shard_{self.shards:05d}.parquet")
+        tmps = sorted(self.out.glob("*.parquet.tmp"))
+        if self.n_val == 0:
+            for t in tmps:
+                t.unlink()
+            return self.n_train, self.n_val
+        for t in tmps:
+            os.replace(t, t.with_suffix(""))
         return self.n_train, self.n_val
 
 

@@ -12,6 +12,6 @@ cd "$(dirname "$0")"
 export NPROC=${NPROC:-3}
 export NCCL_TIMEOUT=${NCCL_TIMEOUT:-1800}
 export NCCL_SHM_DISABLE=${NCCL_SHM_DISABLE:-0}   # the guide's default; 1 when /dev/shm is too small (Docker)
-export BASE_ARGS=${BASE_ARGS-config/large_dataset.py}
-export MID_ARGS=${MID_ARGS-} SFT_ARGS=${SFT_ARGS-}   # the stage defaults fit a 20 GB card
+export PRESET_BASE_ARGS=config/large_dataset.py RUN_SCRIPT=$0
+export PRESET_MID_ARGS="" PRESET_SFT_ARGS=""   # the stage defaults fit a 20 GB card
 exec bash run_t4_training.sh "$@"

@@ -60,7 +60,7 @@ check_collectives() {  # multi-GPU: an all-reduce over every GPU, checked, under
   if [ "$NPROC" -gt 1 ] || [ "${NNODES:-1}" -gt 1 ]; then
     if ! TIMEOUT_S=${CHECK_TIMEOUT:-120} launch check_gpus.py; then
       echo "the GPU self-check failed or hung: see its message above; consumer cards without P2P/NVLink usually" \
-           "need NCCL_P2P_DISABLE=1 (and NCCL_IB_DISABLE=1 without InfiniBand): NCCL_P2P_DISABLE=1 bash $0" >&2
+           "need NCCL_P2P_DISABLE=1 (and NCCL_IB_DISABLE=1 without InfiniBand): NCCL_P2P_DISABLE=1 bash ${RUN_SCRIPT:-$0}" >&2
       exit 1
     fi
   fi

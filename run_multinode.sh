@@ -14,5 +14,5 @@ export NNODES=${NNODES:-2} NODE_RANK=${NODE_RANK:?set NODE_RANK, 0 on the master
 export MASTER_ADDR=${MASTER_ADDR:?set MASTER_ADDR to the address of the master node} MASTER_PORT=${MASTER_PORT:-29500}
 GPUS=$(gpus_found)
 export NPROC=${NPROC:-$(( GPUS > 0 ? GPUS : 1 ))}
-export NCCL_TIMEOUT=${NCCL_TIMEOUT:-1800}
+export NCCL_TIMEOUT=${NCCL_TIMEOUT:-1800} RUN_SCRIPT=$0
 exec bash run_t4_training.sh "$@"

@@ -9,9 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export NPROC=${NPROC:-1} DEPTH=${DEPTH:-8}
 LOW_MEM="--dtype=float16 --gradient_checkpointing=True"
-export BASE_ARGS=${BASE_ARGS-"$LOW_MEM --device_batch_size=2"}
-export MID_ARGS=${MID_ARGS-"$LOW_MEM --device_batch_size=1"}
+export PRESET_BASE_ARGS="$LOW_MEM --device_batch_size=2" RUN_SCRIPT=$0
+export PRESET_MID_ARGS="$LOW_MEM --device_batch_size=1"
 GUIDE_SFT="--device_batch_size=1 --target_examples_per_step=64 --num_epochs=5 --warmup_ratio=0.2 --max_rounds=6"
-export SFT_ARGS=${SFT_ARGS-"$LOW_MEM $GUIDE_SFT"}
-export DOLLY_ARGS=${DOLLY_ARGS-"$LOW_MEM --device_batch_size=1"}
+export PRESET_SFT_ARGS="$LOW_MEM $GUIDE_SFT"
+export PRESET_DOLLY_ARGS="$LOW_MEM --device_batch_size=1"
 exec bash run_t4_training.sh "$@"

@@ -4,5 +4,5 @@
 # in bf16 is ~3x faster). Disk as run_t4_training.sh. Knobs: those of run_t4_training.sh (NPROC=1 here).
 set -euo pipefail
 cd "$(dirname "$0")"
-export NPROC=1
+export NPROC=1 RUN_SCRIPT=$0
 exec bash run_t4_training.sh "$@"

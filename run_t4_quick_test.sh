@@ -3,7 +3,7 @@
 # code work before a real run: base (depth 8, 100 steps), mid (50 steps), SFT (20), a short Dolly finetune (20),
 # then one answer from the model.
 #   GPUs: all it finds, under torchrun (4x T4: about 15 min). No GPU: the same stages on the CPU with a small model
-#   (depth 4, the byte tokenizer), about 5 min on 2 cores; it says so when it starts.
+#   (depth 4, the byte tokenizer), about 2 min on 2 cores; it says so when it starts.
 #   Disk: ~250 MB (2 FineWeb-Edu shards, Dolly); a few MB with the built-in data (no network: used automatically).
 # Knobs (environment, default): NPROC (GPUs found), DEPTH (8; CPU 4), BASE_STEPS (100), MID_STEPS (50),
 #   SFT_STEPS (20), DOLLY_STEPS (20), NUM_SHARDS (2), DATA_ROOT (downloaded, else built-in), MIXTURE (the built-in
@@ -45,17 +45,17 @@ check_collectives
 
 # ---- the four stages, each from the one before ----
 CK=$BASE_DIR
-stage "$CK/checkpoints/$RUN_NAME" train_base.py "${BASE[@]}" --data_root="$DATA_ROOT" --run_name="$RUN_NAME" \
+stage "$CK/checkpoints/$RUN_NAME" train_base.py ${BASE[@]+"${BASE[@]}"} --data_root="$DATA_ROOT" --run_name="$RUN_NAME" \
   --max_steps="$BASE_STEPS" --eval_every=$(( (BASE_STEPS + 1) / 2 )) \
   --checkpoint_interval=$(( (BASE_STEPS + 1) / 2 )) "$@"
-stage "$CK/mid_checkpoints/$RUN_NAME" train_mid.py "${MID[@]}" --pretrained_checkpoint="$CK/checkpoints/$RUN_NAME" \
+stage "$CK/mid_checkpoints/$RUN_NAME" train_mid.py ${MID[@]+"${MID[@]}"} --pretrained_checkpoint="$CK/checkpoints/$RUN_NAME" \
   --mixture="${MIXTURE:-}" --run_name="$RUN_NAME" --max_steps="$MID_STEPS" --eval_every=$(( (MID_STEPS + 1) / 2 )) \
   --checkpoint_interval=$(( (MID_STEPS + 1) / 2 )) "$@"
-stage "$CK/chatsft_checkpoints/$RUN_NAME" train_sft.py "${SFT[@]}" \
+stage "$CK/chatsft_checkpoints/$RUN_NAME" train_sft.py ${SFT[@]+"${SFT[@]}"} \
   --pretrained_checkpoint="$CK/mid_checkpoints/$RUN_NAME" \
   --mixture="${MIXTURE:-}" --run_name="$RUN_NAME" --max_steps="$SFT_STEPS" --eval_every=$(( (SFT_STEPS + 1) / 2 )) \
   --checkpoint_interval=$(( (SFT_STEPS + 1) / 2 )) "$@"
-stage "$CK/dolly_checkpoints/$RUN_NAME" finetune_dolly.py "${DOLLY[@]}" \
+stage "$CK/dolly_checkpoints/$RUN_NAME" finetune_dolly.py ${DOLLY[@]+"${DOLLY[@]}"} \
   --pretrained_checkpoint="$CK/chatsft_checkpoints/$RUN_NAME" --dolly_path="$DOLLY_PATH" --run_name="$RUN_NAME" \
   --max_steps="$DOLLY_STEPS" --warmup_steps=$(( DOLLY_STEPS / 10 )) --eval_every=$(( (DOLLY_STEPS + 1) / 2 )) \
   --checkpoint_interval=$(( (DOLLY_STEPS + 1) / 2 )) "$@"

@@ -27,8 +27,10 @@ compare_docs = 2000           # documents of each text the bytes-per-token compa
 
 
 def training_files(root: Path, extras) -> list:
+    """The extra files first: max_chars may run out inside the shards, and the extras (Chinese, say) are the text a
+    user added on purpose."""
     from dataloader import list_shards
-    return list_shards(root, "train") + extras
+    return extras + list_shards(root, "train")
 
 
 def texts(files, max_chars, doc_cap):
@@ -82,6 +84,9 @@ def main(argv=None):
     # our 7 chat specials come after the text vocabulary, so the total is vocab_size exactly
     bpe.train_from_iterator(texts(files, max_chars, doc_cap), vocab_size - len(SPECIAL_TOKENS))
     ranks = dict(bpe.get_mergeable_ranks())
+    if len(ranks) < vocab_size - len(SPECIAL_TOKENS):
+        print0(f"warning: the text had room for only {len(ranks):,} tokens, not {vocab_size - len(SPECIAL_TOKENS):,}: "
+               f"too little of it (the built-in data?). Train again on real text: prepare_data.py, then delete {out}")
     save_bpe(out, ranks, bpe.get_pattern())
     tok = get_tokenizer(str(out))
     print0(f"trained a {tok.vocab_size:,}-token BPE ({len(ranks):,} text tokens + {len(SPECIAL_TOKENS)} specials) on "

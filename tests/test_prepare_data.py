@@ -28,6 +28,7 @@ class Server:
 
     def __init__(self):
         self.files, self.cut, self.lie, self.log = {}, {}, set(), []
+        self.no_range, self.no_etag, self.redirect = set(), set(), {}  # paths served without Range / ETag; moved
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -40,6 +41,14 @@ class Server:
 
             def do_GET(self):
                 server.log.append((self.path, self.headers.get("Range")))
+                if self.path in server.redirect:  # Hugging Face: a 302 to the CDN, with the sha256 on the 302
+                    self.send_response(302)
+                    self.send_header("Location", server.redirect[self.path])
+                    body = server.files[server.redirect[self.path]]
+                    self.send_header("X-Linked-Etag", f'"{hashlib.sha256(body).hexdigest()}"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = server.files.get(self.path)
                 if body is None:
                     self.send_error(404, "Not Found")
@@ -48,11 +57,20 @@ class Server:
                 if self.path in server.lie:
                     body = body[:100] + bytes(b ^ 0xFF for b in body[100:200]) + body[200:]
                 start = int(self.headers["Range"][6:].split("-")[0]) if self.headers.get("Range") else 0
+                if self.path in server.no_range:
+                    start = 0
+                if start >= len(body) > 0:
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(body)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 self.send_response(206 if start else 200)
                 if start:
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 self.send_header("Content-Length", str(len(body) - start))
-                self.send_header("ETag", f'"{etag}"')
+                if self.path not in server.no_etag and self.path not in server.redirect.values():
+                    self.send_header("ETag", f'"{etag}"')
                 self.end_headers()
                 n = server.cut.pop(self.path, None)
                 self.wfile.write(body[start:] if n is None else body[start:start + n])
@@ -89,6 +107,7 @@ def test_a_corrupt_download_is_rejected_and_not_left_behind(server, tmp_path):
     server.files["/bad.parquet"] = parquet_bytes()
     server.lie.add("/bad.parquet")                          # bytes that do not match the sha256 the server names
     server.files["/page.parquet"] = b"<html>mirror error page</html>" * 10   # no sha256, not parquet either
+    server.no_etag.add("/page.parquet")
     for name, why in (("bad.parquet", "sha256"), ("page.parquet", "not a readable parquet")):
         with pytest.raises(UserError, match=why) as e:
             pd.download(f"{server.url}/{name}", tmp_path / name, retries=2, backoff=0)
@@ -143,7 +162,7 @@ def test_local_files_become_shards_the_loader_reads(tmp_path):
     n_train, n_val = pd.convert_files(str(src), out, rows_per_shard=30)
     assert (n_train, n_val) == (95, 5)  # every 20th document is held out
     names = sorted(p.name for p in out.iterdir())
-    assert names == [f"shard_{i:05d}.parquet" for i in range(5)]  # 30 + 30 + 30 + 5 training, then validation
+    assert names == [f"shard_{i:05d}.parquet" for i in range(4)] + ["val.parquet"]  # 30 + 30 + 30 + 5, then val
     from dataloader import PretrainLoader, list_shards
     from tokenizer import get_tokenizer
     assert len(list_shards(out, "val")) == 1
@@ -154,3 +173,28 @@ def test_local_files_become_shards_the_loader_reads(tmp_path):
     assert "Paragraph 0.\nIt goes on." in texts and "问题3\n回答3" in texts
     with pytest.raises(UserError, match="already holds"):
         pd.convert_files(str(src), out)
+    (src / "rows.jsonl").unlink()
+    (src / "book.txt").write_text("one document only", encoding="utf-8")
+    with pytest.raises(UserError, match="too few"):
+        pd.convert_files(str(src), tmp_path / "small")
+    assert list((tmp_path / "small").iterdir()) == []  # nothing half-made left for a stage to read
+
+
+def test_redirects_ranges_the_server_ignores_and_a_complete_partial_file(server, tmp_path):
+    body = parquet_bytes(seed=3)
+    server.files["/cdn/x.parquet"] = body
+    server.redirect["/x.parquet"] = "/cdn/x.parquet"   # the sha256 comes only with the redirect
+    server.lie.add("/cdn/x.parquet")
+    with pytest.raises(UserError, match="sha256"):      # so a damaged body is caught through it
+        pd.download(f"{server.url}/x.parquet", tmp_path / "x.parquet", retries=1, backoff=0)
+    server.lie.clear()
+    assert pd.download(f"{server.url}/x.parquet", tmp_path / "x.parquet", backoff=0).read_bytes() == body
+    # a server that ignores Range answers 200 with the whole file: the partial bytes are replaced, not appended to
+    server.files["/y.parquet"] = body
+    server.no_range.add("/y.parquet")
+    (tmp_path / "y.parquet.part").write_bytes(body[:1000])
+    assert pd.download(f"{server.url}/y.parquet", tmp_path / "y.parquet", backoff=0).read_bytes() == body
+    # killed after the last byte but before the rename: the server has nothing more (416) and the file is kept
+    server.files["/z.parquet"] = body
+    (tmp_path / "z.parquet.part").write_bytes(body)
+    assert pd.download(f"{server.url}/z.parquet", tmp_path / "z.parquet", backoff=0).read_bytes() == body

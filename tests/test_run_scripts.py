@@ -151,7 +151,8 @@ def test_run_multinode_as_two_local_nodes_trains_like_one_process(tiny_corpus, t
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
            "NANOCHAT_BASE_DIR": str(tmp_path / "nc"), "NNODES": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port), "NPROC": "1", "DEPTH": "2", "TOKENIZER": "bytes", "DATA_ROOT": str(tiny_corpus),
-           "DOLLY_PATH": "-", "MIXTURE": "", "STAGES": "base", "BASE_ARGS": " ".join(tiny), "CHECK_TIMEOUT": "60"}
+           "DOLLY_PATH": "-", "MIXTURE": "", "STAGES": "base", "BASE_ARGS": " ".join(tiny), "CHECK_TIMEOUT": "60",
+           "PREPARE_TIMEOUT": "60"}
     nodes = [subprocess.Popen(["bash", str(REPO / "run_multinode.sh")], cwd=REPO, env={**env, "NODE_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     outs = [n.communicate(timeout=300)[0] for n in nodes]

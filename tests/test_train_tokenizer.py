@@ -15,19 +15,24 @@ def test_train_save_load_compare_and_a_base_run_uses_it(tiny_corpus, tmp_path, c
     train_tokenizer.main([f"--data_root={tiny_corpus}", "--vocab_size=1024", f"--out_dir={out}", "--max_chars=2000000",
                           "--compare_docs=200", *extra])
     printed = capsys.readouterr().out
-    assert "trained a 1,024-token BPE (1,017 text tokens + 7 specials)" in printed
+    if extra:  # enough text for the whole vocabulary
+        assert "trained a 1,024-token BPE (1,017 text tokens + 7 specials)" in printed
+    else:      # the tiny corpus alone has fewer distinct pairs than merges asked for: said, not hidden
+        assert "warning: the text had room for only" in printed
     assert "English (validation shard)" in printed and ("pretrain_zh.parquet" in printed) == bool(extra)
     tok = get_tokenizer(str(out))
-    assert tok.vocab_size == 1024 and tok.name == str(out.resolve())
+    assert tok.vocab_size <= 1024 and tok.vocab_size % 64 == 0 and tok.name == str(out.resolve())
     for text in ("the cat sees the red ball.", "床前明月光，疑是地上霜。"):
         assert tok.decode(tok.encode(text)) == text
-    assert len(tok.encode("the cat sees the red ball.")) < len(b"the cat sees the red ball.")  # merges learned
+    # merges learned from the text it read: the extra (Chinese) file comes first, else the English shards
+    sample = "床前明月光，疑是地上霜。" if extra else "the cat sees the red ball."
+    assert len(tok.encode(sample)) < len(sample.encode())
     run = tmp_path / "run"
     args = [*TINY, f"--data_root={tiny_corpus}", f"--out_dir={run}", "--max_steps=2", "--total_batch_size=256",
             "--eval_every=-1", "--checkpoint_interval=1"]
     run_script("train_base.py", *args, f"--tokenizer={out}")
     ck = load_checkpoint_file(latest_checkpoint(run))
-    assert ck["tokenizer"]["name"] == str(out.resolve()) and ck["tokenizer"]["vocab_size"] == 1024
+    assert ck["tokenizer"]["name"] == str(out.resolve()) and ck["tokenizer"]["vocab_size"] == tok.vocab_size
     p = run_script("train_base.py", *args, "--max_steps=3", "--tokenizer=bytes", "--auto_resume=True", check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert f"was trained with tokenizer '{out.resolve()}'" in p.stderr, p.stderr

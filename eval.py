@@ -1,0 +1,289 @@
+"""eval.py: score a checkpoint on standard benchmarks, the way lm-evaluation-harness scores them.
+in:  --checkpoint (a ckpt_*.pt, a run folder, or a stage name: base, mid, sft, dolly; "" = the newest SFT run, else ...)
+     the task files under eval_data_dir (the formats of ../shared/data/eval)
+out: a table on stdout, and eval_<step>.json beside the checkpoint (never ckpt_<step>.json: that is its marker)
+     python eval.py --checkpoint=base --tasks=arc_easy,piqa --limit=200
+     torchrun --standalone --nproc_per_node=4 eval.py --checkpoint=sft     # items shared out, scores unchanged
+
+Log-likelihood tasks (base models; lm-evaluation-harness's prompts and metrics): arc_easy, arc_challenge ("Question:
+...\\nAnswer:" and " <choice>"; acc, and acc_norm = argmax of the log-likelihood per character of the choice),
+piqa (the same), winogrande (partial scoring: the ending's log-likelihood after each filled-in option), lambada
+(acc = the last word greedy-decoded exactly, and perplexity), mmlu (5-shot from the dev split, " A".." D"; acc per
+subject and over all questions). Context and continuation are encoded as the harness encodes them (trailing spaces
+of the context move to the continuation); a prompt longer than the model's max_seq_len loses its oldest tokens.
+Every score comes with its standard error and the number of items. Items are scored in fixed global batches, so
+1 and N processes see the same padding and give the same numbers.
+"""
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import common
+from common import UserError, print0
+from configurator import apply_overrides
+
+# ---- config (module globals; override with --key=value; -h lists them) -----------------------------------------
+checkpoint = ""               # a ckpt_*.pt, a run folder, or a stage name; "" = newest sft, else dolly, mid, base
+tasks = ""                    # comma-separated; "" = every task whose file is in eval_data_dir
+all_checkpoints = False       # evaluate every checkpoint of the run (the 8 GB guide: the best is often not the last)
+eval_data_dir = ""            # the task files; "" = $NANOCHAT_BASE_DIR/eval_data
+limit = -1                    # items per task (the first ones, in file order); -1 = all
+batch_size = 16               # sequences per forward pass (fixed globally: the scores do not depend on it per rank)
+device = "auto"
+dtype = "auto"
+# ------------------------------------------------------------------------------------------------------------------
+
+LL_TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "lambada", "mmlu")
+FILES = {"arc_easy": "arc_easy_test.jsonl", "arc_challenge": "arc_challenge_test.jsonl", "piqa": "piqa_val.jsonl",
+         "winogrande": "winogrande_dev.jsonl", "lambada": "lambada_openai.jsonl", "mmlu": "mmlu_test.csv"}
+
+
+# ---- items: (contexts, continuations, gold) per question, as the harness builds them ----
+
+def _jsonl(path, n):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+                if 0 < n <= len(rows):
+                    break
+    return rows
+
+
+def _answer_prompt(query):
+    # the files keep "Question: ..." (PIQA's with its newline); the harness's prompt ends "\nAnswer:"
+    return query + ("Answer:" if query.endswith("\n") else "\nAnswer:")
+
+
+def load_task(name, folder, n=-1) -> list:
+    """[{'contexts': [str], 'continuations': [str], 'gold': int, 'subject'?}] for a task: one context per choice
+    (Winogrande: the options filled in) or one shared context, and one continuation per choice."""
+    path = Path(folder) / FILES[name]
+    if not path.is_file():
+        raise UserError(f"task {name}: no file at {path}. Put the evaluation files there (../shared/data/eval has "
+                        f"them), or pass --eval_data_dir=<folder>")
+    if name in ("arc_easy", "arc_challenge", "piqa"):
+        return [{"contexts": [_answer_prompt(r["query"])] * len(r["choices"]),
+                 "continuations": [" " + c for c in r["choices"]], "gold": int(r["gold"]),
+                 "lengths": [len(c) for c in r["choices"]]} for r in _jsonl(path, n)]
+    if name == "winogrande":
+        return [{"contexts": list(r["context_options"]), "continuations": [" " + r["continuation"]] * 2,
+                 "gold": int(r["gold"])} for r in _jsonl(path, n)]
+    if name == "lambada":
+        return [{"contexts": [r["context"]], "continuations": [" " + r["continuation"].strip()], "gold": 0}
+                for r in _jsonl(path, n)]
+    return _mmlu(path, Path(folder) / "mmlu_dev.csv", n)
+
+
+def _mmlu(test_path, dev_path, n):
+    """5-shot: the subject's first five dev questions with their answers, then the question; choices ' A'..' D'."""
+    def rows(path):
+        with open(path, encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+
+    def block(r, answer=True):
+        text = r["question"].strip() + "".join(f"\n{k}. {r[k]}" for k in "ABCD") + "\nAnswer:"
+        return text + (f" {r['answer']}\n\n" if answer else "")
+    shots = {}
+    for r in rows(dev_path):
+        shots.setdefault(r["subject"], []).append(r)
+    items = []
+    for r in rows(test_path):
+        head = f"The following are multiple choice questions (with answers) about {r['subject'].replace('_', ' ')}.\n\n"
+        context = head + "".join(block(s) for s in shots.get(r["subject"], [])[:5]) + block(r, answer=False)
+        items.append({"contexts": [context] * 4, "continuations": [f" {k}" for k in "ABCD"],
+                      "gold": "ABCD".index(r["answer"]), "subject": r["subject"]})
+        if 0 < n <= len(items):
+            break
+    return items
+
+
+# ---- scoring ----
+
+def encode_pair(tok, context, continuation):
+    """(context ids, continuation ids) as lm-evaluation-harness encodes them: spaces that end the context go to the
+    continuation, the whole string is encoded once and split where the context's own encoding ends; bos first."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole = tok.encode(context + continuation)
+    ctx = tok.encode(context)
+    return [tok.bos_id] + ctx, whole[len(ctx):]
+
+
+class _Progress:
+    """`label: done/total` on stderr, at most once a second, from rank 0 only."""
+
+    def __init__(self, label, total, show):
+        self.label, self.total, self.show, self.last = label, total, show, 0.0
+
+    def __call__(self, done):
+        import time
+        if self.show and (time.time() - self.last > 1 or done == self.total):
+            self.last = time.time()
+            sys.stderr.write(f"\r  {self.label}: {done}/{self.total} batches" + ("\n" if done == self.total else ""))
+            sys.stderr.flush()
+
+
+@torch.no_grad()
+def loglikelihoods(model, tok, pairs, *, batch_size=16, autocast=None, label=""):
+    """[(sum of log p(continuation | context), all continuation tokens greedy)] for (context, continuation) pairs.
+    Global batches of `batch_size` pairs in order, batch i on rank i % W, each padded to its own longest sequence:
+    the same batches, padding and numbers for any number of processes. Too long: the oldest tokens go (left)."""
+    from evaluate import gather
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if (
+        torch.distributed.is_available() and torch.distributed.is_initialized()) else (0, 1)
+    autocast = autocast if autocast is not None else torch.autocast("cpu", enabled=False)
+    dev, limit = next(model.parameters()).device, model.config.max_seq_len
+    was = model.training
+    model.eval()
+    mine, n_batches = [], math.ceil(len(pairs) / batch_size)
+    progress = _Progress(label or "scoring", n_batches, rank == 0 and bool(label))
+    for b in range(rank, n_batches, world):
+        progress(min(n_batches, b + world))
+        seqs = []
+        for context, continuation in pairs[b * batch_size:(b + 1) * batch_size]:
+            ctx, cont = encode_pair(tok, context, continuation)
+            seq = (ctx + cont)[-(limit + 1):]  # left truncation; a continuation longer than the model's
+            seqs.append((seq, min(len(cont), len(seq) - 1)))  # context is scored on the tokens that fit
+        T = max(len(s) for s, _ in seqs) - 1
+        x = torch.full((len(seqs), T), tok.bos_id, dtype=torch.long)
+        for i, (s, _) in enumerate(seqs):
+            x[i, :len(s) - 1] = torch.tensor(s[:-1])
+        with autocast:
+            logp = F.log_softmax(model(x.to(dev)).float(), dim=-1).cpu()
+        for i, (s, k) in enumerate(seqs):
+            target = torch.tensor(s[-k:])
+            rows = logp[i, len(s) - 1 - k:len(s) - 1]
+            mine.append((b * batch_size + i, rows.gather(1, target[:, None]).sum().item(),
+                         bool((rows.argmax(-1) == target).all())))
+    model.train(was)
+    return [(ll, greedy) for _, ll, greedy in sorted(gather(mine))]
+
+
+def _stderr(values):
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def score(name, items, results) -> dict:
+    """Metrics of one task from the per-pair results, in item order: {metric: (value, stderr)} and 'n'."""
+    out, k = {}, 0
+    acc, acc_norm, lls, per_subject = [], [], [], {}
+    for item in items:
+        m = len(item["continuations"])
+        res = results[k:k + m]
+        k += m
+        ll = [r[0] for r in res]
+        if name == "lambada":
+            acc.append(float(res[0][1]))
+            lls.append(ll[0])
+            continue
+        pick = max(range(m), key=lambda j: ll[j])
+        acc.append(float(pick == item["gold"]))
+        if "lengths" in item:  # acc_norm: log-likelihood per character of the choice (the harness's)
+            norm = max(range(m), key=lambda j: ll[j] / max(1, item["lengths"][j]))
+            acc_norm.append(float(norm == item["gold"]))
+        if "subject" in item:
+            per_subject.setdefault(item["subject"], []).append(acc[-1])
+    out["acc"] = (sum(acc) / len(acc), _stderr(acc))
+    if acc_norm:
+        out["acc_norm"] = (sum(acc_norm) / len(acc_norm), _stderr(acc_norm))
+    if lls:
+        mean_ll = sum(lls) / len(lls)
+        out["perplexity"] = (math.exp(-mean_ll), math.exp(-mean_ll) * _stderr(lls))
+    for s, v in sorted(per_subject.items()):
+        out[f"acc/{s}"] = (sum(v) / len(v), _stderr(v))
+    out["n"] = len(items)
+    return out
+
+
+def run_task(model, tok, name, folder, *, n=-1, batch_size=16, autocast=None, progress=False) -> dict:
+    items = load_task(name, folder, n)
+    pairs = [(c, t) for it in items for c, t in zip(it["contexts"], it["continuations"])]
+    return score(name, items, loglikelihoods(model, tok, pairs, batch_size=batch_size, autocast=autocast,
+                                             label=name if progress else ""))
+
+
+def table(results) -> str:
+    lines = [f"{'task':<16}{'metric':<12}{'value':>9}{'stderr':>9}{'n':>7}"]
+    for name, res in results.items():
+        for metric, v in res.items():
+            if metric == "n" or metric.startswith("acc/"):
+                continue
+            lines.append(f"{name:<16}{metric:<12}{v[0]:>9.4g}{v[1]:>9.4g}{res['n']:>7}")
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(spec, names, folder, d, autocast, default_stage=("sft", "dolly", "mid", "base")) -> tuple:
+    """(meta, results) for one checkpoint; the results also go to eval_<step>.json beside it."""
+    from checkpoint import load_model
+    model, tok, meta = load_model(spec, d.device, default_stage=default_stage)
+    for note in meta["notes"]:
+        print0(note)
+    print0(f"evaluating {meta['path']} (stage {meta['stage']}, step {meta['step']}) on {', '.join(names)}"
+           + (f", {limit} items each" if limit > 0 else ""))
+    results = {}
+    for name in names:
+        results[name] = run_task(model, tok, name, folder, n=limit, batch_size=batch_size, autocast=autocast,
+                                 progress=True)
+    print0(table(results))
+    if d.is_master:
+        path = Path(meta["path"]).with_name(f"eval_{meta['step']:06d}.json")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"checkpoint": str(meta["path"]), "step": meta["step"], "limit": limit,
+                                   "results": {t: {k: (v if k == "n" else {"value": v[0], "stderr": v[1]})
+                                                   for k, v in r.items()} for t, r in results.items()}},
+                                  indent=2), encoding="utf-8")
+        tmp.replace(path)
+        print0(f"saved {path}")
+    return meta, results
+
+
+def main(argv=None):
+    apply_overrides(globals(), sys.argv[1:] if argv is None else argv)
+    from checkpoint import CheckpointManager, resolve_checkpoint
+    d = common.setup_distributed(device)
+    ptdtype, _ = common.pick_dtype(d.device, dtype)
+    autocast, _ = common.make_autocast_and_scaler(d.device, ptdtype)
+    folder = Path(eval_data_dir).expanduser() if eval_data_dir else common.base_dir() / "eval_data"
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    unknown = [t for t in names if t not in LL_TASKS]
+    if unknown:
+        raise UserError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(LL_TASKS)}")
+    if not names:  # the default set: every task whose file is there, saying which are not
+        names = [t for t in LL_TASKS if (folder / FILES[t]).is_file()]
+        missing = [t for t in LL_TASKS if t not in names]
+        if missing:
+            print0(f"no file for {', '.join(missing)} in {folder}: left out (../shared/data/eval has them)")
+        if not names:
+            raise UserError(f"no evaluation file in {folder}; copy them there (../shared/data/eval) or pass "
+                            f"--eval_data_dir=<folder>")
+    if not all_checkpoints:
+        evaluate_checkpoint(checkpoint, names, folder, d, autocast)
+        return
+    # every complete checkpoint of the run, oldest first, and the best by the mean accuracy over the tasks
+    run = resolve_checkpoint(checkpoint, default_stage=("sft", "dolly", "mid", "base"), key="checkpoint").parent
+    scores = []
+    for step, path in CheckpointManager(run).complete().items():
+        _, results = evaluate_checkpoint(str(path), names, folder, d, autocast)
+        scores.append((sum(r["acc"][0] for r in results.values()) / len(results), step, results))
+    best = max(scores)[1]
+    lines = [f"{'step':>8}" + "".join(f"{t:>15}" for t in names) + f"{'mean acc':>10}"]
+    for mean, step, results in scores:
+        lines.append(f"{step:>8}" + "".join(f"{results[t]['acc'][0]:>15.4f}" for t in names) + f"{mean:>10.4f}"
+                     + ("  <- best" if step == best else ""))
+    print0(f"all checkpoints of {run} (acc):\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    common.run(main)

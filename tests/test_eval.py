@@ -1,0 +1,139 @@
+"""eval.py: log-likelihood scoring as lm-evaluation-harness does it, checked by hand; a random model scores no better
+than a trivial baseline; 1 and 2 processes agree. python -m pytest -q tests/test_eval.py"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as ev
+from conftest import REPO, SHARED, copy_pipeline, needs_shared
+from model import GPT, GPTConfig
+from tokenizer import get_tokenizer
+
+TOK = get_tokenizer("bytes")
+
+
+def random_model(max_seq_len=512, seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(depth=2, n_embd=64, vocab_size=TOK.vocab_size, max_seq_len=max_seq_len))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+def by_hand(model, context, continuation):
+    """sum of log p over the continuation, computed here: bos + context bytes, then the continuation's bytes."""
+    ctx = [TOK.bos_id] + list(context.encode())
+    cont = list(continuation.encode())
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([ctx + cont[:-1]]))[0], dim=-1)
+    return sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+
+
+def test_loglikelihood_acc_norm_and_winogrande_partial_scoring_by_hand():
+    model = random_model()
+    arc = {"contexts": ["Question: Which is a fruit?\nAnswer:"] * 3, "continuations": [" apple", " a big red brick",
+                                                                                      " carrot"],
+           "gold": 1, "lengths": [5, 13, 6]}
+    wino = {"contexts": ["The cup fell off the table because the cup", "The cup fell off the table because the table"],
+            "continuations": [" was too close to the edge."] * 2, "gold": 0}
+    items = [arc, wino]
+    pairs = [(c, t) for it in items for c, t in zip(it["contexts"], it["continuations"])]
+    got = ev.loglikelihoods(model, TOK, pairs, batch_size=2)  # batches of 2: padding inside a batch changes nothing
+    want = [by_hand(model, c, t) for c, t in pairs]
+    assert [g[0] for g in got] == pytest.approx(want, abs=1e-4)
+    arc_ll, wino_ll = want[:3], want[3:]
+    s = ev.score("arc_easy", [arc], got[:3])
+    assert s["acc"][0] == float(max(range(3), key=lambda j: arc_ll[j]) == 1)
+    # acc_norm divides by the length of the choice in characters (without the leading space), as the harness does
+    assert s["acc_norm"][0] == float(max(range(3), key=lambda j: arc_ll[j] / arc["lengths"][j]) == 1)
+    assert s["n"] == 1
+    # Winogrande: the same ending scored after each filled-in option; the option with the likelier ending wins
+    w = ev.score("winogrande", [wino], got[3:])
+    assert w["acc"][0] == float(wino_ll[0] > wino_ll[1])
+    # trailing spaces of a context move to the continuation before encoding (the harness's _encode_pair)
+    assert ev.encode_pair(TOK, "Answer: ", "B") == ([TOK.bos_id] + list(b"Answer:"), list(b" B"))
+
+
+def test_a_too_long_prompt_loses_its_oldest_tokens():
+    model = random_model(max_seq_len=32)
+    context = "x" * 100 + "Question: 2+2?\nAnswer:"
+    (ll, _), = ev.loglikelihoods(model, TOK, [(context, " 4")])
+    seq = ([TOK.bos_id] + list(context.encode()) + list(b" 4"))[-33:]
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([seq[:-1]]))[0], dim=-1)
+    assert ll == pytest.approx(logp[-2, seq[-2]].item() + logp[-1, seq[-1]].item(), abs=1e-5)
+
+
+@needs_shared
+@pytest.mark.parametrize("task", ["arc_easy", "arc_challenge", "piqa", "winogrande", "mmlu"])
+def test_a_random_model_does_no_better_than_a_trivial_baseline(task):
+    """No peeking at the answer: a random tiny model's accuracy stays below the best answer-blind baseline (always
+    the most frequent gold position, or always the shortest choice) plus 3 standard errors."""
+    items = ev.load_task(task, SHARED / "data" / "eval", 200)
+    res = ev.run_task(random_model(), TOK, task, SHARED / "data" / "eval", n=200)
+    golds = [it["gold"] for it in items]
+    frequent = max(golds.count(g) for g in set(golds)) / len(golds)
+    shortest = sum(min(range(len(it["continuations"])), key=lambda j: len(it["continuations"][j])) == it["gold"]
+                   for it in items) / len(items)
+    for metric in ("acc", "acc_norm"):
+        if metric in res:
+            value, err = res[metric]
+            assert value <= max(frequent, shortest) + 3 * err, (task, metric, value, frequent, shortest, err)
+    assert res["n"] == 200
+
+
+def _write_tasks(folder):
+    folder.mkdir()
+    with open(folder / "arc_easy_test.jsonl", "w") as f:
+        for i in range(30):
+            f.write(json.dumps({"query": f"Question: What is {i} plus one?", "choices": [str(i + 1), str(i), "many"],
+                                "gold": 0}) + "\n")
+    with open(folder / "winogrande_dev.jsonl", "w") as f:
+        for i in range(30):
+            f.write(json.dumps({"context_options": [f"Tom gave Ann {i} coins so Tom", f"Tom gave Ann {i} coins so Ann"],
+                                "continuation": "was poorer.", "gold": i % 2}) + "\n")
+    return folder
+
+
+@pytest.mark.slow
+def test_one_and_two_processes_give_the_same_scores(tiny_pipeline, tmp_path):
+    p = copy_pipeline(tiny_pipeline, tmp_path / "nc", stages=("sft",))
+    data = _write_tasks(tmp_path / "eval_data")
+    env = {**os.environ, **p.env, "OMP_NUM_THREADS": "1"}
+    args = ["--checkpoint=sft", f"--eval_data_dir={data}", "--tasks=arc_easy,winogrande", "--limit=25", "--batch_size=4"]
+    one = subprocess.run([sys.executable, str(REPO / "eval.py"), *args], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "task" in one.stdout and "arc_easy" in one.stdout and "acc_norm" in one.stdout  # the table
+    saved = p.latest("sft").with_name(f"eval_{40:06d}.json")
+    first = json.loads(saved.read_text())
+    saved.unlink()
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(REPO / "eval.py"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    second = json.loads(saved.read_text())
+    assert first["results"] == second["results"] and first["results"]["arc_easy"]["n"] == 25
+    assert not (p.latest("sft").with_suffix(".json").read_text().count("results"))  # the marker is untouched
+
+
+def test_all_checkpoints_scores_each_one_and_marks_the_best(tiny_pipeline, tmp_path):
+    p = copy_pipeline(tiny_pipeline, tmp_path / "nc", stages=("sft",))
+    data = _write_tasks(tmp_path / "eval_data")
+    env = {**os.environ, **p.env, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(REPO / "eval.py"), "--checkpoint=sft", "--all_checkpoints=True",
+                        f"--eval_data_dir={data}", "--tasks=arc_easy,winogrande", "--limit=8"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = sorted(int(f.stem[5:]) for f in p.runs["sft"].glob("ckpt_*.pt"))
+    assert len(steps) >= 2 and all((p.runs["sft"] / f"eval_{s:06d}.json").exists() for s in steps)
+    summary = r.stdout.split("all checkpoints of", 1)[1]
+    assert summary.count("<- best") == 1 and all(f"\n{s:>8}" in summary for s in steps)
+    means = {int(line.split()[0]): float(line.split()[3]) for line in summary.splitlines()[2:] if line.strip()}
+    best = int(next(line for line in summary.splitlines() if "<- best" in line).split()[0])
+    assert means[best] == max(means.values())
