@@ -11,12 +11,16 @@ piqa (the same), winogrande (partial scoring: the ending's log-likelihood after 
 (acc = the last word greedy-decoded exactly, and perplexity), mmlu (5-shot from the dev split, " A".." D"; acc per
 subject and over all questions). Context and continuation are encoded as the harness encodes them (trailing spaces
 of the context move to the continuation); a prompt longer than the model's max_seq_len loses its oldest tokens.
+Chat models answer in words (greedy, with the chat template): gsm8k (the final number, exact), arc_easy_mc,
+arc_challenge_mc and mmlu_mc (the choices listed with letters; the reply's first standalone letter), builtin (the
+built-in tasks' held-out items); the default set is these for a chat checkpoint, the log-likelihood ones for base.
 Every score comes with its standard error and the number of items. Items are scored in fixed global batches, so
 1 and N processes see the same padding and give the same numbers.
 """
 import csv
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -29,7 +33,7 @@ from configurator import apply_overrides
 
 # ---- config (module globals; override with --key=value; -h lists them) -----------------------------------------
 checkpoint = ""               # a ckpt_*.pt, a run folder, or a stage name; "" = newest sft, else dolly, mid, base
-tasks = ""                    # comma-separated; "" = every task whose file is in eval_data_dir
+tasks = ""                    # comma-separated; "" = the set for the stage (base: log-likelihood; chat: answers)
 all_checkpoints = False       # evaluate every checkpoint of the run (the 8 GB guide: the best is often not the last)
 eval_data_dir = ""            # the task files; "" = $NANOCHAT_BASE_DIR/eval_data
 limit = -1                    # items per task (the first ones, in file order); -1 = all
@@ -39,8 +43,14 @@ dtype = "auto"
 # ------------------------------------------------------------------------------------------------------------------
 
 LL_TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "lambada", "mmlu")
+# chat models answer in words: GSM8K (the final number), ARC and MMLU as letter answers, the built-in tasks
+GEN_TASKS = ("gsm8k", "arc_easy_mc", "arc_challenge_mc", "mmlu_mc", "builtin")
 FILES = {"arc_easy": "arc_easy_test.jsonl", "arc_challenge": "arc_challenge_test.jsonl", "piqa": "piqa_val.jsonl",
-         "winogrande": "winogrande_dev.jsonl", "lambada": "lambada_openai.jsonl", "mmlu": "mmlu_test.csv"}
+         "winogrande": "winogrande_dev.jsonl", "lambada": "lambada_openai.jsonl", "mmlu": "mmlu_test.csv",
+         "gsm8k": "gsm8k_test.jsonl", "arc_easy_mc": "arc_easy_test.jsonl",
+         "arc_challenge_mc": "arc_challenge_test.jsonl", "mmlu_mc": "mmlu_test.csv"}
+# a worked answer for GSM8K; a letter (or "The answer is B.") for the choices; the built-in answers are short
+GEN_MAX_TOKENS = {"gsm8k": 256, "arc_easy_mc": 16, "arc_challenge_mc": 16, "mmlu_mc": 16, "builtin": 32}
 
 
 # ---- items: (contexts, continuations, gold) per question, as the harness builds them ----
@@ -214,14 +224,88 @@ def run_task(model, tok, name, folder, *, n=-1, batch_size=16, autocast=None, pr
                                              label=name if progress else ""))
 
 
+# ---- generative tasks (chat models) ----
+
+def load_gen_task(name, folder, n=-1) -> list:
+    """[(checker task, conversation whose last message is the reference)] in the shape tasks.check_answer reads."""
+    if name == "builtin":
+        return _builtin_items(n)
+    path = Path(folder) / FILES[name]
+    if not path.is_file():
+        raise UserError(f"task {name}: no file at {path}. Put the evaluation files there (../shared/data/eval has "
+                        f"them), or pass --eval_data_dir=<folder>")
+    if name == "gsm8k":
+        return [("gsm8k", [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}])
+                for r in _jsonl(path, n)]
+    if name == "mmlu_mc":
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))[:n if n > 0 else None]
+        return [("letter", _letter_question(r["question"], [r[k] for k in "ABCD"], "ABCD".index(r["answer"]),
+                                            f"about {r['subject'].replace('_', ' ')}")) for r in rows]
+    return [("letter", _letter_question(r["query"].removeprefix("Question: ").strip(), r["choices"], int(r["gold"])))
+            for r in _jsonl(path, n)]
+
+
+def _builtin_items(n):
+    from tasks import BUILTIN_TASKS, builtin_examples
+    per_task = n if n > 0 else 20
+    return [(t, conv) for t in BUILTIN_TASKS for conv in builtin_examples(t, per_task, 0, "val")]
+
+
+def _letter_question(question, choices, gold, about=""):
+    letters = "ABCDEFGH"[:len(choices)]
+    text = (f"{question}\n" + "".join(f"\n{k}. {c}" for k, c in zip(letters, choices))
+            + f"\n\nAnswer{' this question ' + about if about else ''} with the letter of the correct choice.")
+    return [{"role": "user", "content": text}, {"role": "assistant", "content": letters[gold]}]
+
+
+def letter_of(reply: str):
+    """The answer letter of a reply: the first A-H standing alone ('B', 'B.', '(B)', 'The answer is B')."""
+    m = re.search(r"(?<![A-Za-z])([A-H])(?![A-Za-z])", reply)
+    return m.group(1) if m else None
+
+
+def check(kind, conversation, reply) -> bool:
+    if kind == "letter":
+        return letter_of(reply) == conversation[-1]["content"]
+    from tasks import check_answer
+    return check_answer(kind, conversation, reply)
+
+
+def run_gen_task(model, tok, name, folder, *, n=-1, autocast=None) -> dict:
+    """Greedy answers to the chat prompts (each rank a share, gathered in order), checked; acc with its stderr."""
+    import evaluate
+    items = load_gen_task(name, folder, n)
+    max_tokens = min(GEN_MAX_TOKENS.get(name, 32), model.config.max_seq_len // 2)
+    answered = evaluate.answer_items(model, tok, items, max_tokens=max_tokens, autocast=autocast)
+    right = [float(check(kind, conv, text)) for kind, conv, text in answered]
+    if not right:
+        raise UserError(f"task {name}: no question fits the model's max_seq_len={model.config.max_seq_len}")
+    return {"acc": (sum(right) / len(right), _stderr(right)), "n": len(right)}
+
+
 def table(results) -> str:
-    lines = [f"{'task':<16}{'metric':<12}{'value':>9}{'stderr':>9}{'n':>7}"]
+    lines = [f"{'task':<18}{'metric':<12}{'value':>9}{'stderr':>9}{'n':>7}"]
     for name, res in results.items():
         for metric, v in res.items():
             if metric == "n" or metric.startswith("acc/"):
                 continue
-            lines.append(f"{name:<16}{metric:<12}{v[0]:>9.4g}{v[1]:>9.4g}{res['n']:>7}")
+            lines.append(f"{name:<18}{metric:<12}{v[0]:>9.4g}{v[1]:>9.4g}{res['n']:>7}")
     return "\n".join(lines)
+
+
+def default_tasks(stage, folder) -> list:
+    """The set that fits the model: log-likelihood tasks for a base model, answers for a chat model (mid, SFT,
+    Dolly); of those, the ones whose file is in the folder (the built-in tasks need none)."""
+    names = LL_TASKS if stage == "base" else GEN_TASKS
+    present = [t for t in names if t == "builtin" or (Path(folder) / FILES[t]).is_file()]
+    missing = [t for t in names if t not in present]
+    if missing:
+        print0(f"no file for {', '.join(missing)} in {folder}: left out (../shared/data/eval has them)")
+    if not present:
+        raise UserError(f"no evaluation file in {folder}; copy them there (../shared/data/eval) or pass "
+                        f"--eval_data_dir=<folder>")
+    return present
 
 
 def evaluate_checkpoint(spec, names, folder, d, autocast, default_stage=("sft", "dolly", "mid", "base")) -> tuple:
@@ -230,12 +314,16 @@ def evaluate_checkpoint(spec, names, folder, d, autocast, default_stage=("sft", 
     model, tok, meta = load_model(spec, d.device, default_stage=default_stage)
     for note in meta["notes"]:
         print0(note)
+    names = names or default_tasks(meta["stage"], folder)
     print0(f"evaluating {meta['path']} (stage {meta['stage']}, step {meta['step']}) on {', '.join(names)}"
            + (f", {limit} items each" if limit > 0 else ""))
     results = {}
     for name in names:
-        results[name] = run_task(model, tok, name, folder, n=limit, batch_size=batch_size, autocast=autocast,
-                                 progress=True)
+        if name in GEN_TASKS:
+            results[name] = run_gen_task(model, tok, name, folder, n=limit, autocast=autocast)
+        else:
+            results[name] = run_task(model, tok, name, folder, n=limit, batch_size=batch_size, autocast=autocast,
+                                     progress=True)
     print0(table(results))
     if d.is_master:
         path = Path(meta["path"]).with_name(f"eval_{meta['step']:06d}.json")
@@ -257,17 +345,9 @@ def main(argv=None):
     autocast, _ = common.make_autocast_and_scaler(d.device, ptdtype)
     folder = Path(eval_data_dir).expanduser() if eval_data_dir else common.base_dir() / "eval_data"
     names = [t.strip() for t in tasks.split(",") if t.strip()]
-    unknown = [t for t in names if t not in LL_TASKS]
+    unknown = [t for t in names if t not in LL_TASKS + GEN_TASKS]
     if unknown:
-        raise UserError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(LL_TASKS)}")
-    if not names:  # the default set: every task whose file is there, saying which are not
-        names = [t for t in LL_TASKS if (folder / FILES[t]).is_file()]
-        missing = [t for t in LL_TASKS if t not in names]
-        if missing:
-            print0(f"no file for {', '.join(missing)} in {folder}: left out (../shared/data/eval has them)")
-        if not names:
-            raise UserError(f"no evaluation file in {folder}; copy them there (../shared/data/eval) or pass "
-                            f"--eval_data_dir=<folder>")
+        raise UserError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(LL_TASKS + GEN_TASKS)}")
     if not all_checkpoints:
         evaluate_checkpoint(checkpoint, names, folder, d, autocast)
         return
@@ -278,9 +358,10 @@ def main(argv=None):
         _, results = evaluate_checkpoint(str(path), names, folder, d, autocast)
         scores.append((sum(r["acc"][0] for r in results.values()) / len(results), step, results))
     best = max(scores)[1]
-    lines = [f"{'step':>8}" + "".join(f"{t:>15}" for t in names) + f"{'mean acc':>10}"]
+    cols = list(scores[0][2])
+    lines = [f"{'step':>8}" + "".join(f"{t:>15}" for t in cols) + f"{'mean acc':>10}"]
     for mean, step, results in scores:
-        lines.append(f"{step:>8}" + "".join(f"{results[t]['acc'][0]:>15.4f}" for t in names) + f"{mean:>10.4f}"
+        lines.append(f"{step:>8}" + "".join(f"{results[t]['acc'][0]:>15.4f}" for t in cols) + f"{mean:>10.4f}"
                      + ("  <- best" if step == best else ""))
     print0(f"all checkpoints of {run} (acc):\n" + "\n".join(lines))
 

@@ -99,23 +99,28 @@ def generate_answers(model, tok, prompts, *, max_tokens, stop_ids, autocast=None
     return [(text, finish) for _, text, finish in sorted(gather(mine))]
 
 
+def answer_items(model, tok, items, *, max_tokens, autocast=None) -> list:
+    """Greedy chat answers to (task, messages) items whose last message is the reference: [(task, messages, reply)]
+    for the items whose prompt fits the model's max_seq_len with room for max_tokens (the others are left out)."""
+    fmt, limit = tok.chat_format, model.config.max_seq_len
+    kept, prompts = [], []
+    for task, messages in items:
+        try:
+            prompts.append(fmt.render_prompt(messages[:-1], max_seq_len=limit - max_tokens))
+            kept.append((task, messages))
+        except UserError:
+            continue  # a prompt too long for the model: not answerable, not counted
+    answers = generate_answers(model, tok, prompts, max_tokens=max_tokens, stop_ids=fmt.stop_ids(), autocast=autocast)
+    return [(task, messages, text) for (task, messages), (text, _) in zip(kept, answers)]
+
+
 def task_accuracy(model, tok, items, *, max_new_tokens=64, autocast=None) -> dict:
     """Exact-match accuracy of greedy answers (tasks.check_answer): items are (task, messages) whose last message
     is the reference answer. Returns {'acc_<task>': ..., 'acc': overall}; a task none of whose prompts fits in
     the model's max_seq_len is left out rather than reported as 0 %."""
     from tasks import check_answer
-    fmt, limit = tok.chat_format, model.config.max_seq_len
-    kept, prompts = [], []
-    for task, messages in items:
-        try:
-            prompts.append(fmt.render_prompt(messages[:-1], max_seq_len=limit - max_new_tokens))
-            kept.append((task, messages))
-        except UserError:
-            continue  # a prompt too long for the model: not answerable, not counted
-    answers = generate_answers(model, tok, prompts, max_tokens=max_new_tokens, stop_ids=fmt.stop_ids(),
-                               autocast=autocast)
     counts = {}
-    for (task, messages), (text, _) in zip(kept, answers):
+    for task, messages, text in answer_items(model, tok, items, max_tokens=max_new_tokens, autocast=autocast):
         right, total = counts.get(task, (0, 0))
         counts[task] = (right + check_answer(task, messages, text), total + 1)
     out = {f"acc_{t}": right / total for t, (right, total) in sorted(counts.items())}

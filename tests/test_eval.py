@@ -137,3 +137,28 @@ def test_all_checkpoints_scores_each_one_and_marks_the_best(tiny_pipeline, tmp_p
     means = {int(line.split()[0]): float(line.split()[3]) for line in summary.splitlines()[2:] if line.strip()}
     best = int(next(line for line in summary.splitlines() if "<- best" in line).split()[0])
     assert means[best] == max(means.values())
+
+
+def test_generative_tasks_read_letters_and_numbers_and_score_what_is_generated(tiny_pipeline, tmp_path, monkeypatch):
+    import evaluate
+    from checkpoint import load_model
+    assert [ev.letter_of(r) for r in ("B", "The answer is (C).", "D. because", "b", "no idea")] == [
+        "B", "C", "D", None, None]
+    data = _write_tasks(tmp_path / "eval_data")
+    with open(data / "gsm8k_test.jsonl", "w") as f:
+        f.write(json.dumps({"question": "Tom has 2 apples and gets 3 more. How many?", "answer": "2+3=5\n#### 5"}) + "\n")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tiny_pipeline.base_dir))
+    model, tok, _ = load_model("sft")
+    arc = ev.load_gen_task("arc_easy_mc", data, 3)
+    assert "A. 1\nB. 0\nC. many" in arc[0][1][0]["content"] and arc[0][1][-1]["content"] == "A"
+    for task in ("arc_easy_mc", "gsm8k", "builtin"):
+        res = ev.run_gen_task(model, tok, task, data, n=3)  # the real model: counted, whatever it says
+        assert 1 <= res["n"] <= (12 if task == "builtin" else 3) and 0 <= res["acc"][0] <= 1
+        # what is scored is what was generated: the references themselves score 1, a wrong reply 0
+        monkeypatch.setattr(evaluate, "answer_items", lambda m, t, its, **kw: [
+            (kind, conv, conv[-1]["content"]) for kind, conv in its])
+        assert ev.run_gen_task(model, tok, task, data, n=3)["acc"][0] == 1.0, task
+        monkeypatch.setattr(evaluate, "answer_items", lambda m, t, its, **kw: [(k, c, "zzz") for k, c in its])
+        assert ev.run_gen_task(model, tok, task, data, n=3)["acc"][0] == 0.0, task
+        monkeypatch.undo()
+        monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tiny_pipeline.base_dir))
