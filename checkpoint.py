@@ -75,7 +75,9 @@ def set_rng_state(st: dict):
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def _atomic_write_text(path: Path, text: str):
+def atomic_write_text(path, text: str):
+    """Write to <path>.tmp, fsync, rename: a kill mid-write leaves the old file, never half of the new one."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -152,7 +154,7 @@ class CheckpointManager:
             # first the intent, atomically: from here on the newer steps no longer count as complete, so a kill
             # half-way through the moves can never make the abandoned branch the newest checkpoint again
             # (the next resume finds the rest and moves it)
-            _atomic_write_text(self.dir / _SET_ASIDE, str(step))
+            atomic_write_text(self.dir / _SET_ASIDE, str(step))
             stamp = time.strftime("%Y%m%d_%H%M%S")
             for k in range(100):  # two rollbacks to the same step within a second get their own folders
                 aside = self.dir / f"set_aside_after_{step:06d}_{stamp}{f'_{k}' if k else ''}"
@@ -167,7 +169,7 @@ class CheckpointManager:
             metrics = self.dir / "metrics.jsonl"
             if metrics.exists():  # the resumed run rewrites it from `step` on; the abandoned curve stays here
                 shutil.copy2(metrics, aside / metrics.name)
-            _atomic_write_text(self.dir / "LATEST", f"ckpt_{step:06d}.pt\n")
+            atomic_write_text(self.dir / "LATEST", f"ckpt_{step:06d}.pt\n")
             (self.dir / _SET_ASIDE).unlink()
             self.write_index()
         except OSError as e:
@@ -190,10 +192,10 @@ class CheckpointManager:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-            _atomic_write_text(path.with_suffix(".json"), json.dumps({"step": step, **meta}, indent=2))
+            atomic_write_text(path.with_suffix(".json"), json.dumps({"step": step, **meta}, indent=2))
         barrier()
         if self.is_master:
-            _atomic_write_text(self.dir / "LATEST", f"ckpt_{step:06d}.pt\n")
+            atomic_write_text(self.dir / "LATEST", f"ckpt_{step:06d}.pt\n")
             self.rotate(keep=step)
             self.write_index()
         barrier()
@@ -238,7 +240,7 @@ class CheckpointManager:
                  "checkpoints": [{"file": p.name, **{k: v for k, v in self.meta(s).items() if k in
                                                      ("step", "val_loss", "loss", "final")}}
                                  for s, p in self.complete().items()]}
-        _atomic_write_text(self.dir / "checkpoints.json", json.dumps(index, indent=2))
+        atomic_write_text(self.dir / "checkpoints.json", json.dumps(index, indent=2))
 
 
 def load_checkpoint(path, key="checkpoint_path or --pretrained_checkpoint") -> dict:

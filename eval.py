@@ -17,6 +17,7 @@ built-in tasks' held-out items); the default set is these for a chat checkpoint,
 Every score comes with its standard error and the number of items. Items are scored in fixed global batches, so
 1 and N processes see the same padding and give the same numbers.
 """
+import contextlib
 import csv
 import json
 import math
@@ -91,20 +92,22 @@ def load_task(name, folder, n=-1) -> list:
     return _mmlu(path, Path(folder) / "mmlu_dev.csv", n)
 
 
+def _csv_rows(path):
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def _mmlu(test_path, dev_path, n):
     """5-shot: the subject's first five dev questions with their answers, then the question; choices ' A'..' D'."""
-    def rows(path):
-        with open(path, encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
 
     def block(r, answer=True):
         text = r["question"].strip() + "".join(f"\n{k}. {r[k]}" for k in "ABCD") + "\nAnswer:"
         return text + (f" {r['answer']}\n\n" if answer else "")
     shots = {}
-    for r in rows(dev_path):
+    for r in _csv_rows(dev_path):
         shots.setdefault(r["subject"], []).append(r)
     items = []
-    for r in rows(test_path):
+    for r in _csv_rows(test_path):
         head = f"The following are multiple choice questions (with answers) about {r['subject'].replace('_', ' ')}.\n\n"
         context = head + "".join(block(s) for s in shots.get(r["subject"], [])[:5]) + block(r, answer=False)
         items.append({"contexts": [context] * 4, "continuations": [f" {k}" for k in "ABCD"],
@@ -146,10 +149,9 @@ def loglikelihoods(model, tok, pairs, *, batch_size=16, autocast=None, label="")
     """[(sum of log p(continuation | context), all continuation tokens greedy)] for (context, continuation) pairs.
     Global batches of `batch_size` pairs in order, batch i on rank i % W, each padded to its own longest sequence:
     the same batches, padding and numbers for any number of processes. Too long: the oldest tokens go (left)."""
-    from evaluate import gather
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if (
-        torch.distributed.is_available() and torch.distributed.is_initialized()) else (0, 1)
-    autocast = autocast if autocast is not None else torch.autocast("cpu", enabled=False)
+    from evaluate import gather, rank_and_world
+    rank, world = rank_and_world()
+    autocast = autocast if autocast is not None else contextlib.nullcontext()
     dev, limit = next(model.parameters()).device, model.config.max_seq_len
     was = model.training
     model.eval()
@@ -238,8 +240,7 @@ def load_gen_task(name, folder, n=-1) -> list:
         return [("gsm8k", [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}])
                 for r in _jsonl(path, n)]
     if name == "mmlu_mc":
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))[:n if n > 0 else None]
+        rows = _csv_rows(path)[:n if n > 0 else None]
         return [("letter", _letter_question(r["question"], [r[k] for k in "ABCD"], "ABCD".index(r["answer"]),
                                             f"about {r['subject'].replace('_', ' ')}")) for r in rows]
     return [("letter", _letter_question(r["query"].removeprefix("Question: ").strip(), r["choices"], int(r["gold"])))
@@ -326,13 +327,12 @@ def evaluate_checkpoint(spec, names, folder, d, autocast, default_stage=("sft", 
                                      progress=True)
     print0(table(results))
     if d.is_master:
+        from checkpoint import atomic_write_text
         path = Path(meta["path"]).with_name(f"eval_{meta['step']:06d}.json")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"checkpoint": str(meta["path"]), "step": meta["step"], "limit": limit,
-                                   "results": {t: {k: (v if k == "n" else {"value": v[0], "stderr": v[1]})
-                                                   for k, v in r.items()} for t, r in results.items()}},
-                                  indent=2), encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps({"checkpoint": str(meta["path"]), "step": meta["step"], "limit": limit,
+                                            "results": {t: {k: (v if k == "n" else {"value": v[0], "stderr": v[1]})
+                                                            for k, v in r.items()} for t, r in results.items()}},
+                                           indent=2))
         print0(f"saved {path}")
     return meta, results
 

@@ -21,7 +21,8 @@ from common import all_reduce, print0
 from configurator import UserError
 
 
-def _rank_world():
+def rank_and_world():
+    """(rank, world size) of the process group, (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -87,7 +88,7 @@ def generate_answers(model, tok, prompts, *, max_tokens, stop_ids, autocast=None
     """Greedy answers to `prompts` (lists of ids), as [(text, finish reason), ...] in the prompts' order on every
     rank; each rank generates a share."""
     from engine import generate
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     was_training = model.training
     model.eval()
     mine = []

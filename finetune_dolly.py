@@ -17,13 +17,13 @@ Data:       databricks-dolly-15k JSONL (instruction, context, response, category
 """
 import json
 import math
-import os
 import zlib
 from pathlib import Path
 
 import numpy as np
 
 import common
+from checkpoint import atomic_write_text
 from common import UserError, print0
 from conversation_loader import ConversationBatchLoader
 from evaluate import check_metric_packages, eval_loss, generate_answers, text_metrics
@@ -196,9 +196,7 @@ def generation_eval(tr, model, items, step, fmt, max_tokens) -> dict:
     path = tr.ckpt_dir / f"generations_{step:06d}.jsonl"
     if tr.is_master:
         tr.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")  # a kill mid-write leaves the old file, not half of a new one
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     lines = [f"generation eval at step {step}: {len(rows)} held-out prompts, greedy, <= {max_tokens} tokens "
              f"-> {path}", f"  {'category':<24}{'n':>4}{'BLEU-4':>9}{'ROUGE-L':>9}"]
     for name, s in scores.items():

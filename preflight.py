@@ -124,6 +124,7 @@ def estimate(model, optimizer, *, device_batch_size, seq_len, dtype, gradient_ch
 def report(model, optimizer, *, c, schedule, world_size, accum, tokens_per_step, device, print0):
     """The preflight table for a stage about to train, and the largest device_batch_size that fits."""
     import common
+    from model import default_chunk_rows
     m = re.fullmatch(r"(\d+)[xX](.+)", c.get("gpu", ""))
     name = m.group(2) if m else c.get("gpu", "")
     if m:  # --gpu=4xT4: the same global batch on 4 GPUs, so the accumulation per GPU changes (unless the user
@@ -146,11 +147,13 @@ def report(model, optimizer, *, c, schedule, world_size, accum, tokens_per_step,
         if world_size > 1:  # DDP all-reduces through buckets of its own: another copy of the gradients
             est["DDP buckets"] = est["gradients"]
         total = sum(v for k, v in est.items() if k not in ("per_token", "per_pass"))
-        # linear in the batch: activations and the loss's hidden-state gradients; the rest is fixed (the loss's
-        # logits chunk taken at its largest)
-        per_seq = (est["per_token"] + 4 * model.config.n_embd) * seq
-        fixed = total - est["activations"] - est["logits and loss"] + est["per_pass"] + loss_bytes(model, 10 ** 9) \
-            - 4 * 10 ** 9 * model.config.n_embd
+        # linear in the batch: activations and the loss's hidden-state gradients (4 bytes x width per token);
+        # fixed: weights, gradients, optimizer state, DDP buckets, the per-pass activations, and the loss's
+        # lm_head gradient and logits chunk, the chunk taken at its largest
+        c_, v_ = model.config.n_embd, model.config.vocab_size
+        per_seq = (est["per_token"] + 4 * c_) * seq
+        fixed = total - est["activations"] - est["logits and loss"] + est["per_pass"] + \
+            4 * (v_ * c_ + default_chunk_rows(v_) * v_)
         fits[ckpt] = max(0, int((usable - fixed) // per_seq))
         lines.append(f"  gradient_checkpointing={ckpt}: " + ", ".join(
             f"{k} {v / GIB:.2f}" for k, v in est.items() if k not in ("per_token", "per_pass"))

@@ -387,11 +387,10 @@ def builtin_dolly(path, n=400, seed=0) -> Path:
             user, answer = conv[-2]["content"], conv[-1]["content"]
             rows.append({"instruction": user, "context": "", "response": answer, "category": task})
     random.Random(seed).shuffle(rows)
+    from checkpoint import atomic_write_text
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
