@@ -72,6 +72,13 @@ class ChatFormat:
         never forge the token that starts a turn)."""
         raise NotImplementedError
 
+    def jinja_template(self) -> str:
+        """This template as Jinja, for Hugging Face's apply_chat_template (hf.py writes it into tokenizer_config.json):
+        token for token the ids of render(), and with add_generation_prompt those of render_prompt(). Plain Jinja
+        only: transformers' {% generation %} tags (for assistant masks) stop minijinja (TGI) and llama-cpp-python
+        from loading the template at all."""
+        raise NotImplementedError(f"chat format {self.name!r} has no Jinja form yet")
+
     def stop_ids(self, chat=True) -> set:
         """The ids that end an answer: the end of the assistant turn (and a made-up next turn) in chat; in plain
         completion a new document (bos)."""
@@ -201,3 +208,27 @@ class T4ChatFormat(ChatFormat):
 
     def user_turns(self, ids):
         return list(ids).count(self.tok.special_id("<|user_start|>"))
+
+    def jinja_template(self):
+        # <|assistant_start|> opens the assistant's message here, where prompt_part() puts it after the user turn:
+        # the same ids, in the layout Hugging Face expects (add_generation_prompt appends the assistant header).
+        # bos by variable: GPT-2 names it <|endoftext|>. k counts turns after the system message, so the order
+        # split_conversation() demands is enforced here too. One line, no whitespace outside the tags' output.
+        return (
+            "{%- set offset = 1 if messages and messages[0]['role'] == 'system' else 0 -%}"
+            "{{- bos_token -}}"
+            "{%- for message in messages -%}"
+            "{%- set k = loop.index0 - offset -%}"
+            "{%- if message['role'] == 'system' and loop.first -%}"
+            "<|system_start|>{{ message['content'] }}<|system_end|>"
+            "{%- elif message['role'] == 'user' and k % 2 == 0 -%}"
+            "<|user_start|>{{ message['content'] }}<|user_end|>"
+            "{%- elif message['role'] == 'assistant' and k % 2 == 1 -%}"
+            "<|assistant_start|>{{ message['content'] }}<|assistant_end|>"
+            "{%- else -%}"
+            "{{- raise_exception('message ' ~ loop.index0 ~ ' has role ' ~ message['role'] ~ '; a conversation is "
+            "an optional system message, then user/assistant turns alternating') -}}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}<|assistant_start|>{%- endif -%}"
+        )

@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -261,6 +262,10 @@ def load_checkpoint(path, key="checkpoint_path or --pretrained_checkpoint") -> d
 
 def check_arch(ckpt_arch: dict, arch: dict, path, fix: str):
     """Refuse a checkpoint of another architecture, naming every differing field."""
+    from model import GPTConfig
+    # a field added to GPTConfig after the checkpoint was written (tie_embeddings) is absent from its record; the
+    # checkpoint was trained with that field's default, which is what GPT(GPTConfig(**arch)) rebuilds
+    ckpt_arch = {**{f.name: f.default for f in fields(GPTConfig)}, **ckpt_arch}
     diff = [f"{k}={ckpt_arch.get(k)} (config says {arch.get(k)})" for k in sorted(set(ckpt_arch) | set(arch))
             if ckpt_arch.get(k) != arch.get(k)]
     if diff:

@@ -1,6 +1,6 @@
 """eval.py: score a checkpoint on standard benchmarks, the way lm-evaluation-harness scores them.
 in:  --checkpoint (a ckpt_*.pt, a run folder, or a stage name: base, mid, sft, dolly; "" = the newest SFT run, else ...)
-     the task files under eval_data_dir (the formats of ../shared/data/eval)
+     the task files under eval_data_dir (python prepare_data.py --what=eval fetches them)
 out: a table on stdout, and eval_<step>.json beside the checkpoint (never ckpt_<step>.json: that is its marker)
      python eval.py --checkpoint=base --tasks=arc_easy,piqa --limit=200
      torchrun --standalone --nproc_per_node=4 eval.py --checkpoint=sft     # items shared out, scores unchanged
@@ -9,11 +9,14 @@ Log-likelihood tasks (base models; lm-evaluation-harness's prompts and metrics):
 ...\\nAnswer:" and " <choice>"; acc, and acc_norm = argmax of the log-likelihood per character of the choice),
 piqa (the same), winogrande (partial scoring: the ending's log-likelihood after each filled-in option), lambada
 (acc = the last word greedy-decoded exactly, and perplexity), mmlu (5-shot from the dev split, " A".." D"; acc per
-subject and over all questions). Context and continuation are encoded as the harness encodes them (trailing spaces
+subject and over all questions), val_bpb (bits per byte on the pretraining data's validation shard, the run's own
+unless --data_root; n = sequences). Context and continuation are encoded as the harness encodes them (trailing spaces
 of the context move to the continuation); a prompt longer than the model's max_seq_len loses its oldest tokens.
 Chat models answer in words (greedy, with the chat template): gsm8k (the final number, exact), arc_easy_mc,
 arc_challenge_mc and mmlu_mc (the choices listed with letters; the reply's first standalone letter), builtin (the
-built-in tasks' held-out items); the default set is these for a chat checkpoint, the log-likelihood ones for base.
+built-in tasks' held-out items), ifeval (IFEval's 541 prompts, checked by lm-evaluation-harness's own IFEval
+checkers: prompt- and instruction-level accuracy, strict and loose); the default set is these for a chat
+checkpoint, the log-likelihood ones for base.
 Every score comes with its standard error and the number of items. Items are scored in fixed global batches, so
 1 and N processes see the same padding and give the same numbers.
 """
@@ -39,19 +42,24 @@ all_checkpoints = False       # evaluate every checkpoint of the run (the 8 GB g
 eval_data_dir = ""            # the task files; "" = $NANOCHAT_BASE_DIR/eval_data
 limit = -1                    # items per task (the first ones, in file order); -1 = all
 batch_size = 16               # sequences per forward pass (fixed globally: the scores do not depend on it per rank)
+data_root = ""                # val_bpb: the pretraining shards; "" = the ones the checkpoint's run trained on
+eval_tokens = 1048576         # val_bpb: validation tokens scored (--limit=N: N sequences of max_seq_len instead)
 device = "auto"
 dtype = "auto"
 # ------------------------------------------------------------------------------------------------------------------
 
-LL_TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "lambada", "mmlu")
-# chat models answer in words: GSM8K (the final number), ARC and MMLU as letter answers, the built-in tasks
-GEN_TASKS = ("gsm8k", "arc_easy_mc", "arc_challenge_mc", "mmlu_mc", "builtin")
+LL_TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "lambada", "mmlu", "val_bpb")
+# chat models answer in words: GSM8K (the final number), ARC and MMLU as letter answers, the built-in tasks, and
+# IFEval (instructions whose following a program checks)
+GEN_TASKS = ("gsm8k", "arc_easy_mc", "arc_challenge_mc", "mmlu_mc", "builtin", "ifeval")
 FILES = {"arc_easy": "arc_easy_test.jsonl", "arc_challenge": "arc_challenge_test.jsonl", "piqa": "piqa_val.jsonl",
          "winogrande": "winogrande_dev.jsonl", "lambada": "lambada_openai.jsonl", "mmlu": "mmlu_test.csv",
          "gsm8k": "gsm8k_test.jsonl", "arc_easy_mc": "arc_easy_test.jsonl",
-         "arc_challenge_mc": "arc_challenge_test.jsonl", "mmlu_mc": "mmlu_test.csv"}
+         "arc_challenge_mc": "arc_challenge_test.jsonl", "mmlu_mc": "mmlu_test.csv", "ifeval": "ifeval_input_data.jsonl"}
 # a worked answer for GSM8K; a letter (or "The answer is B.") for the choices; the built-in answers are short
-GEN_MAX_TOKENS = {"gsm8k": 256, "arc_easy_mc": 16, "arc_challenge_mc": 16, "mmlu_mc": 16, "builtin": 32}
+# IFEval's 1,280 is lm-evaluation-harness's max_gen_toks (its essays ask for 300+ words)
+GEN_MAX_TOKENS = {"gsm8k": 256, "arc_easy_mc": 16, "arc_challenge_mc": 16, "mmlu_mc": 16, "builtin": 32,
+                  "ifeval": 1280}
 
 
 # ---- items: (contexts, continuations, gold) per question, as the harness builds them ----
@@ -72,13 +80,18 @@ def _answer_prompt(query):
     return query + ("Answer:" if query.endswith("\n") else "\nAnswer:")
 
 
+def task_file(name, folder) -> Path:
+    path = Path(folder) / FILES[name]
+    if not path.is_file():
+        raise UserError(f"task {name}: no file at {path}. Fetch the evaluation files (python prepare_data.py "
+                        f"--what=eval, into $NANOCHAT_BASE_DIR/eval_data), or pass --eval_data_dir=<folder>")
+    return path
+
+
 def load_task(name, folder, n=-1) -> list:
     """[{'contexts': [str], 'continuations': [str], 'gold': int, 'subject'?}] for a task: one context per choice
     (Winogrande: the options filled in) or one shared context, and one continuation per choice."""
-    path = Path(folder) / FILES[name]
-    if not path.is_file():
-        raise UserError(f"task {name}: no file at {path}. Put the evaluation files there (../shared/data/eval has "
-                        f"them), or pass --eval_data_dir=<folder>")
+    path = task_file(name, folder)
     if name in ("arc_easy", "arc_challenge", "piqa"):
         return [{"contexts": [_answer_prompt(r["query"])] * len(r["choices"]),
                  "continuations": [" " + c for c in r["choices"]], "gold": int(r["gold"]),
@@ -133,14 +146,15 @@ def encode_pair(tok, context, continuation):
 class _Progress:
     """`label: done/total` on stderr, at most once a second, from rank 0 only."""
 
-    def __init__(self, label, total, show):
-        self.label, self.total, self.show, self.last = label, total, show, 0.0
+    def __init__(self, label, total, show, unit="batches"):
+        self.label, self.total, self.show, self.unit, self.last = label, total, show, unit, 0.0
 
     def __call__(self, done):
         import time
         if self.show and (time.time() - self.last > 1 or done == self.total):
             self.last = time.time()
-            sys.stderr.write(f"\r  {self.label}: {done}/{self.total} batches" + ("\n" if done == self.total else ""))
+            sys.stderr.write(f"\r  {self.label}: {done}/{self.total} {self.unit}"
+                             + ("\n" if done == self.total else ""))
             sys.stderr.flush()
 
 
@@ -219,6 +233,29 @@ def score(name, items, results) -> dict:
     return out
 
 
+def run_val_bpb(model, tok, config, *, n=-1, autocast=None) -> dict:
+    """Bits per byte on the validation shard(s) of the pretraining data: the number that compares models across
+    tokenizers (nats per token do not). The data is --data_root, else the run's own data_root and val_files."""
+    import dataloader
+    import evaluate
+    rank, world = evaluate.rank_and_world()
+    root = data_root or config.get("data_root") or str(common.base_dir() / "base_data")
+    seq = model.config.max_seq_len
+    sequences = n if n > 0 else max(1, eval_tokens // seq)
+    rows = min(batch_size, sequences)
+    n_batches = max(1, math.ceil(sequences / (rows * world)))
+    device = next(model.parameters()).device
+    loader = dataloader.PretrainLoader(root, tok, split="val", device_batch_size=rows, max_seq_len=seq,
+                                       rank=rank, world_size=world, val_files=config.get("val_files", ""),
+                                       device=device)
+    try:
+        out = evaluate.eval_loss(model, loader, n_batches, token_bytes=tok.token_bytes().to(device),
+                                 autocast=autocast, stderr=True)
+    finally:
+        loader.close()
+    return {"bpb": (out["val_bpb"], out["val_bpb_stderr"]), "n": n_batches * rows * world}
+
+
 def run_task(model, tok, name, folder, *, n=-1, batch_size=16, autocast=None, progress=False) -> dict:
     items = load_task(name, folder, n)
     pairs = [(c, t) for it in items for c, t in zip(it["contexts"], it["continuations"])]
@@ -232,12 +269,12 @@ def load_gen_task(name, folder, n=-1) -> list:
     """[(checker task, conversation whose last message is the reference)] in the shape tasks.check_answer reads."""
     if name == "builtin":
         return _builtin_items(n)
-    path = Path(folder) / FILES[name]
-    if not path.is_file():
-        raise UserError(f"task {name}: no file at {path}. Put the evaluation files there (../shared/data/eval has "
-                        f"them), or pass --eval_data_dir=<folder>")
+    path = task_file(name, folder)
     if name == "gsm8k":
         return [("gsm8k", [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}])
+                for r in _jsonl(path, n)]
+    if name == "ifeval":  # no reference answer: the row itself rides along for the checkers
+        return [("ifeval", [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": "", "doc": r}])
                 for r in _jsonl(path, n)]
     if name == "mmlu_mc":
         rows = _csv_rows(path)[:n if n > 0 else None]
@@ -278,34 +315,57 @@ def run_gen_task(model, tok, name, folder, *, n=-1, autocast=None) -> dict:
     import evaluate
     items = load_gen_task(name, folder, n)
     max_tokens = min(GEN_MAX_TOKENS.get(name, 32), model.config.max_seq_len // 2)
-    answered = evaluate.answer_items(model, tok, items, max_tokens=max_tokens, autocast=autocast)
-    right = [float(check(kind, conv, text)) for kind, conv, text in answered]
-    if not right:
+    rank, _ = evaluate.rank_and_world()
+    answered = evaluate.answer_items(model, tok, items, max_tokens=max_tokens, autocast=autocast,
+                                     progress=lambda total: _Progress(name, total, rank == 0, "answers"))
+    if not answered:
         raise UserError(f"task {name}: no question fits the model's max_seq_len={model.config.max_seq_len}")
+    if name == "ifeval":
+        checked = evaluate.ifeval_results([conv[-1]["doc"] for _, conv, _ in answered], [t for _, _, t in answered])
+        out = {}
+        for metric in evaluate.IFEVAL_METRICS:  # prompt level: one 0/1 per prompt; instruction level: one per check
+            values = [float(v) for r in checked for v in (r[metric] if metric.startswith("inst") else [r[metric]])]
+            out[metric] = (sum(values) / len(values), _stderr(values))
+        return out | {"n": len(checked)}
+    right = [float(check(kind, conv, text)) for kind, conv, text in answered]
     return {"acc": (sum(right) / len(right), _stderr(right)), "n": len(right)}
 
 
+def headline(res) -> float:
+    """The one number of a task: acc, IFEval's prompt-level strict accuracy (the harness's first metric: every
+    instruction of the prompt followed, the reply taken as it is), or bits per byte."""
+    return next(res[k][0] for k in ("acc", "prompt_level_strict_acc", "bpb") if k in res)
+
+
+def rank_value(results) -> float:
+    """What --all_checkpoints ranks by (higher is better): the mean headline accuracy over the tasks, or, with
+    val_bpb the only task, minus the bits per byte."""
+    accs = [headline(r) for r in results.values() if "bpb" not in r]
+    return sum(accs) / len(accs) if accs else -results["val_bpb"]["bpb"][0]
+
+
 def table(results) -> str:
-    lines = [f"{'task':<18}{'metric':<12}{'value':>9}{'stderr':>9}{'n':>7}"]
+    lines = [f"{'task':<18}{'metric':<24}{'value':>9}{'stderr':>9}{'n':>7}"]
     for name, res in results.items():
         for metric, v in res.items():
             if metric == "n" or metric.startswith("acc/"):
                 continue
-            lines.append(f"{name:<18}{metric:<12}{v[0]:>9.4g}{v[1]:>9.4g}{res['n']:>7}")
+            lines.append(f"{name:<18}{metric:<24}{v[0]:>9.4g}{v[1]:>9.4g}{res['n']:>7}")
     return "\n".join(lines)
 
 
 def default_tasks(stage, folder) -> list:
     """The set that fits the model: log-likelihood tasks for a base model, answers for a chat model (mid, SFT,
-    Dolly); of those, the ones whose file is in the folder (the built-in tasks need none)."""
+    Dolly); of those, the ones whose file is in the folder (the built-in tasks and val_bpb need none)."""
     names = LL_TASKS if stage == "base" else GEN_TASKS
-    present = [t for t in names if t == "builtin" or (Path(folder) / FILES[t]).is_file()]
+    present = [t for t in names if t not in FILES or (Path(folder) / FILES[t]).is_file()]
     missing = [t for t in names if t not in present]
     if missing:
-        print0(f"no file for {', '.join(missing)} in {folder}: left out (../shared/data/eval has them)")
+        print0(f"no file for {', '.join(missing)} in {folder}: left out (python prepare_data.py --what=eval "
+               f"fetches them)")
     if not present:
-        raise UserError(f"no evaluation file in {folder}; copy them there (../shared/data/eval) or pass "
-                        f"--eval_data_dir=<folder>")
+        raise UserError(f"no evaluation file in {folder}; fetch them (python prepare_data.py --what=eval) or "
+                        f"pass --eval_data_dir=<folder>")
     return present
 
 
@@ -315,12 +375,23 @@ def evaluate_checkpoint(spec, names, folder, d, autocast, default_stage=("sft", 
     model, tok, meta = load_model(spec, d.device, default_stage=default_stage)
     for note in meta["notes"]:
         print0(note)
+    asked = bool(names)
     names = names or default_tasks(meta["stage"], folder)
+    if "ifeval" in names:  # before the other tasks' answers, not after them
+        import evaluate
+        evaluate.check_ifeval_packages()
     print0(f"evaluating {meta['path']} (stage {meta['stage']}, step {meta['step']}) on {', '.join(names)}"
            + (f", {limit} items each" if limit > 0 else ""))
     results = {}
     for name in names:
-        if name in GEN_TASKS:
+        if name == "val_bpb":
+            try:
+                results[name] = run_val_bpb(model, tok, meta["config"], n=limit, autocast=autocast)
+            except UserError as e:
+                if asked:
+                    raise
+                print0(f"val_bpb left out: {str(e).splitlines()[0]} (--data_root=<shards> scores it)")
+        elif name in GEN_TASKS:
             results[name] = run_gen_task(model, tok, name, folder, n=limit, autocast=autocast)
         else:
             results[name] = run_task(model, tok, name, folder, n=limit, batch_size=batch_size, autocast=autocast,
@@ -356,15 +427,16 @@ def main(argv=None):
     scores = []
     for step, path in CheckpointManager(run).complete().items():
         _, results = evaluate_checkpoint(str(path), names, folder, d, autocast)
-        scores.append((sum(r["acc"][0] for r in results.values()) / len(results), step, results))
+        scores.append((rank_value(results), step, results))
     best = max(scores)[1]
     cols = list(scores[0][2])
     lines = [f"{'step':>8}" + "".join(f"{t:>15}" for t in cols) + f"{'mean acc':>10}"]
-    for mean, step, results in scores:
-        lines.append(f"{step:>8}" + "".join(f"{results[t]['acc'][0]:>15.4f}" for t in cols) + f"{mean:>10.4f}"
+    for value, step, results in scores:
+        mean = f"{value:>10.4f}" if any("bpb" not in r for r in results.values()) else f"{'':>10}"
+        lines.append(f"{step:>8}" + "".join(f"{headline(results[t]):>15.4f}" for t in cols) + mean
                      + ("  <- best" if step == best else ""))
-    print0(f"all checkpoints of {run} (acc):\n" + "\n".join(lines))
-
+    print0(f"all checkpoints of {run} (acc; IFEval: prompt-level strict; val_bpb: bits per byte, the best is the "
+           f"lowest when it is the only task):\n" + "\n".join(lines))
 
 if __name__ == "__main__":
     common.run(main)

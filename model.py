@@ -4,7 +4,7 @@ Read top to bottom: the config, the building blocks (RMSNorm, RoPE, KV cache, at
 the GPT itself, and last the chunked cross-entropy its forward() uses for the loss. The optimizer (Muon +
 AdamW) is in optim.py, generation in engine.py. Pure torch: no I/O, no globals, no device logic. Module names
 follow Hugging Face's LlamaForCausalLM one-to-one (HF key = "model." + our key, except lm_head), so export is a
-rename.
+rename (hf.py).
 """
 from dataclasses import asdict, dataclass, replace
 
@@ -30,6 +30,7 @@ class GPTConfig:
     max_seq_len: int = 1024      # RoPE table length (generation may not exceed it)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    tie_embeddings: bool = False  # lm_head shares embed_tokens' weight (SmolLM2, GPT-2); False = Llama's two matrices
 
     def resolved(self) -> "GPTConfig":
         """A copy with every -1 filled in; ValueError if the fields do not fit together."""
@@ -206,7 +207,11 @@ class GPT(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.depth)])
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # untied, as in Llama
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # untied by default, as in Llama
+        if cfg.tie_embeddings:
+            # one Parameter under two names: state_dict() keeps both keys (so the layout matches HF's), while
+            # parameters() and named_parameters() list it once, so optimizers and num_params() see one matrix
+            self.lm_head.weight = self.embed_tokens.weight
         # non-persistent: the state_dict holds exactly HF's keys; the table is rebuilt from config
         cos, sin = rope_table(cfg.n_embd // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -224,6 +229,9 @@ class GPT(nn.Module):
         - o_proj, down_proj = 0: every block starts as the identity; their gradients are non-zero
           from step one, and the other matrices start learning once these move.
         - lm_head ~ N(0, 0.001): logits start near 0, so the initial loss is ln(vocab_size).
+        - tied: the shared matrix ends with lm_head's N(0, 0.001) (it is initialised last). N(0, 1) would make each
+          token's own logit ~n_embd at the start (its embedding dotted with itself), far above ln(vocab_size); the
+          first RMSNorm does not care about the embedding's scale.
         """
         cfg = self.config
         nn.init.normal_(self.embed_tokens.weight, std=1.0)
@@ -293,7 +301,9 @@ class GPT(nn.Module):
         """nanochat's estimate: 6 per weight that multiplies (the embedding is a lookup, lm_head counts)
         plus 12 * L * H * head_dim * T for the attention scores and weighted sum at T = max_seq_len."""
         cfg = self.config
-        n_matmul = self.num_params() - self.embed_tokens.weight.numel()
+        # tied, num_params() counts the shared matrix once, and it is lm_head's matmul that costs FLOPs
+        lookup = 0 if cfg.tie_embeddings else self.embed_tokens.weight.numel()
+        n_matmul = self.num_params() - lookup
         attn = 12 * cfg.depth * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.max_seq_len
         return float(6 * n_matmul + attn)
 
@@ -308,7 +318,8 @@ class GPT(nn.Module):
         'muon': Muon (lr matrix_lr, weight_decay) for the attention/MLP matrices; AdamW (no weight
         decay) for the rest, at max_lr * multiplier * (n_embd/768)^-0.5 (nanochat's rule: its LRs were
         tuned at width 768, AdamW steps shrink as 1/sqrt(width)). Multipliers: lm_head 1, norms 1,
-        embed_tokens 50 (at max_lr 0.004 and width 768 that is nanochat's 0.004 and 0.2).
+        embed_tokens 50 (at max_lr 0.004 and width 768 that is nanochat's 0.004 and 0.2); tied, the shared
+        matrix takes lm_head's.
         'adamw': torch AdamW at max_lr everywhere, weight decay on 2-D weights only.
         """
         named = list(self.named_parameters())  # a fixed order: optimizer state is saved by position
@@ -337,6 +348,10 @@ class GPT(nn.Module):
             dict(adam, params=[self.embed_tokens.weight], base_lr=max_lr * 50 * width_scale),
             dict(adam, params=norms, base_lr=max_lr * width_scale),
         ]
+        if self.config.tie_embeddings:
+            # one matrix may sit in one group only (torch refuses duplicates): the classifier's rate, since the
+            # lookup's 50x would move the logits 50x too fast
+            del groups[2]
         for g in groups:
             g["lr"] = g["base_lr"]
         # a parameter missing from every group would silently never train

@@ -1,9 +1,11 @@
 """prepare_data.py: the data every stage reads, downloaded or made, in the folders the stages look in.
 out: $NANOCHAT_BASE_DIR/base_data/ (parquet shards: train_base.py's default data_root)
      $NANOCHAT_BASE_DIR/data/      (conversations, GSM8K, Dolly: what --mixture names and finetune_dolly.py reads)
-Download:   python prepare_data.py                               # 8 FineWeb-Edu shards, SmolTalk, GSM8K, Dolly
+     $NANOCHAT_BASE_DIR/eval_data/ (ARC, PIQA, Winogrande, LAMBADA, MMLU, GSM8K test, IFEval: what eval.py reads)
+Download:   python prepare_data.py                               # 8 FineWeb-Edu shards, SmolTalk, GSM8K, Dolly, evals
             python prepare_data.py --what=base --num_shards=240  # more pretraining text (~100 MB a shard)
             HF_ENDPOINT=https://hf-mirror.com python prepare_data.py   # through a Hugging Face mirror
+            GITHUB_RAW=https://<proxy>/https://raw.githubusercontent.com python prepare_data.py --what=eval
 Convert:    python prepare_data.py --convert=books/,notes.jsonl --data_root=~/my_shards  # .txt/.jsonl/.parquet
 Offline:    python prepare_data.py --builtin=True   # the built-in corpus (also the fallback with no network)
 
@@ -13,6 +15,8 @@ bytes it has (HTTP Range); failures are retried with back-off; several files dow
 pyarrow: no `datasets` package. With no network and no data, it says so and writes the built-in offline corpus
 (generated text and Dolly-format instructions, enough to see every stage work) instead.
 """
+import contextlib
+import csv
 import http.client
 import json
 import os
@@ -32,10 +36,11 @@ from configurator import apply_overrides
 from dataloader import iter_documents
 
 # ---- config (module globals; override with --key=value; -h lists them) -----------------------------------------
-what = "base,chat,dolly"      # what to fetch: base (FineWeb-Edu shards), chat (SmolTalk + GSM8K), dolly
+what = "base,chat,dolly,eval" # what to fetch: base (FineWeb-Edu shards), chat (SmolTalk + GSM8K), dolly, eval
 num_shards = 8                # FineWeb-Edu shards (~100 MB, ~50 M GPT-2 tokens each); the last one is validation
 data_root = ""                # where the pretraining shards go; "" = $NANOCHAT_BASE_DIR/base_data
 data_dir = ""                 # where conversation files go; "" = $NANOCHAT_BASE_DIR/data
+eval_data_dir = ""            # where eval.py's task files go; "" = $NANOCHAT_BASE_DIR/eval_data
 convert = ""                  # local .txt/.jsonl/.parquet files or folders (comma-separated) to turn into shards
 rows_per_shard = 200000       # documents per converted shard (row groups of 1,024 inside)
 builtin = False               # write the built-in offline corpus instead of downloading
@@ -57,10 +62,51 @@ DOLLY_FILES = {"databricks-dolly-15k.jsonl":
                "datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"}
 BUILTIN_DIR = "builtin_data"   # under $NANOCHAT_BASE_DIR: base/ (shards) and dolly.jsonl
 
+# eval.py's files, byte for byte the ones lm-evaluation-harness-style local evaluations use (llm-foundry's local
+# copies, the GSM8K and IFEval originals), from GitHub at pinned commits with their sha256 (after $GITHUB_RAW).
+FOUNDRY = "mosaicml/llm-foundry/8c8dd48f72168c5d51e2f7b151595892a8fba43d/scripts/eval/local_data/"
+EVAL_FILES = {  # name: (path, sha256)
+    "arc_easy_test.jsonl": (FOUNDRY + "world_knowledge/arc_easy.jsonl",
+                            "d2d12e59543acf9a5ef6079634a72b30215e36c2fd4236fff3bc855d287b87f5"),
+    "arc_challenge_test.jsonl": (FOUNDRY + "world_knowledge/arc_challenge.jsonl",
+                                 "1ae3aeedf1951d881cbd5c2e3a31e78a1993d251479afbe4cb413b6707244636"),
+    "piqa_val.jsonl": (FOUNDRY + "commonsense_reasoning/piqa.jsonl",
+                       "d2870e73aec5154df3faf259b7700876e11608eebdf69e9d6667435673dbe4e0"),
+    "winogrande_dev.jsonl": (FOUNDRY + "language_understanding/winogrande.jsonl",
+                             "ea1592526f3bfdd0948ed3acb1b4dfa3f83d23698917118688ee1df7f8d4b8d7"),
+    "lambada_openai.jsonl": (FOUNDRY + "language_understanding/lambada_openai.jsonl",
+                             "411bfbe5b9054346b6a19299c0242670adbefb9162efd958593cbc0290b8c9dc"),
+    "gsm8k_test.jsonl": ("openai/grade-school-math/3101c7d5072418e28b9008a6636bde82a006892c/grade_school_math/data/"
+                         "test.jsonl", "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"),
+    "ifeval_input_data.jsonl": ("Podtech-AI/IFEval/5bdf377eb9cc20f16d377dc5c38413cee22550a6/data/input_data.jsonl",
+                                "67ffeee0fcb87c317c5b08a2de85557b4a7e96ada6178aa645b4954fe4b53d49"),
+}
+# MMLU: one headerless CSV per subject and split upstream; eval.py reads one file per split with a subject column
+MMLU = "hendrycks/test/785eba57b455b9f9be12a0d3c1106d67274fea0e/data/{split}/{subject}_{split}.csv"
+MMLU_ROWS = {"dev": 285, "val": 1542, "test": 14079}
+MMLU_SUBJECTS = (
+    "abstract_algebra anatomy astronomy business_ethics clinical_knowledge college_biology college_chemistry "
+    "college_computer_science college_mathematics college_medicine college_physics computer_security "
+    "conceptual_physics econometrics electrical_engineering elementary_mathematics formal_logic global_facts "
+    "high_school_biology high_school_chemistry high_school_computer_science high_school_european_history "
+    "high_school_geography high_school_government_and_politics high_school_macroeconomics high_school_mathematics "
+    "high_school_microeconomics high_school_physics high_school_psychology high_school_statistics "
+    "high_school_us_history high_school_world_history human_aging human_sexuality international_law jurisprudence "
+    "logical_fallacies machine_learning management marketing medical_genetics miscellaneous moral_disputes "
+    "moral_scenarios nutrition philosophy prehistory professional_accounting professional_law professional_medicine "
+    "professional_psychology public_relations security_studies sociology us_foreign_policy virology world_religions"
+).split()
+
 
 def endpoint() -> str:
     """Hugging Face or the mirror the user reaches it through (HF_ENDPOINT, as huggingface_hub reads it)."""
     return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def github_raw() -> str:
+    """GitHub's raw files, or a proxy in front of them (GITHUB_RAW: where raw.githubusercontent.com is blocked,
+    a prefix proxy such as https://<proxy>/https://raw.githubusercontent.com)."""
+    return (os.environ.get("GITHUB_RAW") or "https://raw.githubusercontent.com").rstrip("/")
 
 
 # ---- downloading ----
@@ -177,9 +223,10 @@ def _attempt(url, part: Path, timeout_s, progress):
     return total, sha
 
 
-def download(url, dest, *, retries=5, timeout=60.0, progress=None, backoff=1.0) -> Path:
-    """url -> dest, atomically: resumable through dest.part, retried with back-off, verified before the rename.
-    A file already at dest is kept. Raises DownloadError naming the URL and the fix."""
+def download(url, dest, *, retries=5, timeout=60.0, progress=None, backoff=1.0, sha256=None) -> Path:
+    """url -> dest, atomically: resumable through dest.part, retried with back-off, verified before the rename
+    (against `sha256` when given, else the one the server names). A file already at dest is kept. Raises
+    DownloadError naming the URL and the fix."""
     dest = Path(dest)
     if dest.exists():
         return dest
@@ -191,12 +238,13 @@ def download(url, dest, *, retries=5, timeout=60.0, progress=None, backoff=1.0) 
             time.sleep(backoff * 2 ** (attempt - 1))
         try:
             total, sha = _attempt(url, part, timeout, progress)
+            sha = sha256 or sha
             size = part.stat().st_size
             if total is not None and size != total:
                 last = f"the connection ended after {size:,} of {total:,} bytes"
                 continue  # the next attempt asks for the rest
             if sha is not None and _sha256(part) != sha:
-                raise _Corrupt(f"its sha256 is not the {sha[:12]}... the server names")
+                raise _Corrupt(f"its sha256 is not the {sha[:12]}... {'expected' if sha256 else 'the server names'}")
             _check_format(part, dest.name)
             os.replace(part, dest)
             return dest
@@ -216,7 +264,7 @@ def download(url, dest, *, retries=5, timeout=60.0, progress=None, backoff=1.0) 
             if e.code in (401, 403, 404, 410):
                 raise DownloadError(
                     f"{url}: HTTP {e.code} ({e.reason}). The file is not there or not public: check the URL; behind "
-                    f"a mirror set HF_ENDPOINT (now {endpoint()}), e.g. HF_ENDPOINT=https://hf-mirror.com") from None
+                    f"a mirror set {_mirror_hint(url)}") from None
             last = f"HTTP {e.code} ({e.reason})"
         except _Corrupt as e:
             part.unlink(missing_ok=True)  # never left behind where a stage or the next attempt could read it
@@ -224,18 +272,25 @@ def download(url, dest, *, retries=5, timeout=60.0, progress=None, backoff=1.0) 
         except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as e:
             last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
     raise DownloadError(f"{url}: failed after {max(1, retries)} attempt(s), last: {last}. Check the network (or set "
-                        f"HF_ENDPOINT to a mirror you can reach, now {endpoint()}), then run prepare_data.py again: "
-                        f"a partial file resumes from where it stopped")
+                        f"{_mirror_hint(url)}), then run prepare_data.py again: a partial file resumes from where it "
+                        f"stopped")
+
+
+def _mirror_hint(url) -> str:
+    if url.startswith(github_raw()):
+        return f"GITHUB_RAW to a proxy you can reach (now {github_raw()})"
+    return f"HF_ENDPOINT to a mirror you can reach (now {endpoint()}), e.g. HF_ENDPOINT=https://hf-mirror.com"
 
 
 def download_all(jobs, *, workers=4, retries=5, timeout=60.0) -> list:
-    """[(url, dest)] -> the dest paths, `workers` at a time, one progress line for all."""
-    todo = [(u, Path(d)) for u, d in jobs if not Path(d).exists()]
+    """[(url, dest)] or [(url, dest, sha256)] -> the dest paths, `workers` at a time, one progress line for all."""
+    todo = [(j[0], Path(j[1]), (j[2:] or (None,))[0]) for j in jobs if not Path(j[1]).exists()]
     if not todo:
-        return [Path(d) for _, d in jobs]
+        return [Path(j[1]) for j in jobs]
     progress = Progress(len(todo))
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        futures = [pool.submit(download, u, d, retries=retries, timeout=timeout, progress=progress) for u, d in todo]
+        futures = [pool.submit(download, u, d, retries=retries, timeout=timeout, progress=progress, sha256=sha)
+                   for u, d, sha in todo]
         errors = []
         for f in futures:
             try:
@@ -245,12 +300,12 @@ def download_all(jobs, *, workers=4, retries=5, timeout=60.0) -> list:
     sys.stderr.write("\n")
     if errors:
         raise DownloadError("\n".join(errors))
-    return [Path(d) for _, d in jobs]
+    return [Path(j[1]) for j in jobs]
 
 
-def online(timeout_s=5.0) -> bool:
+def online(url=None, timeout_s=5.0) -> bool:
     try:
-        urllib.request.urlopen(urllib.request.Request(endpoint(), method="HEAD",
+        urllib.request.urlopen(urllib.request.Request(url or endpoint(), method="HEAD",
                                                       headers={"User-Agent": "t4chat-prepare-data"}),
                                timeout=timeout_s).close()
         return True
@@ -422,11 +477,79 @@ def jobs_for(parts, root: Path, conv_dir: Path, n_shards) -> list:
     return jobs
 
 
+def eval_jobs(folder: Path) -> list:
+    """[(url, dest, sha256)] of eval.py's files not there yet; MMLU's per-subject files go to .mmlu_parts/ and
+    become one file per split (assemble_mmlu)."""
+    jobs = [(f"{github_raw()}/{path}", folder / name, sha) for name, (path, sha) in EVAL_FILES.items()]
+    for split in MMLU_ROWS:
+        if not (folder / f"mmlu_{split}.csv").exists():
+            jobs += [(f"{github_raw()}/{MMLU.format(split=split, subject=s)}",
+                      folder / ".mmlu_parts" / split / f"{s}.csv", None) for s in MMLU_SUBJECTS]
+    return [j for j in jobs if not j[1].exists()]
+
+
+def assemble_mmlu(folder: Path):
+    """mmlu_<split>.csv (header subject,question,A,B,C,D,answer; the subjects in name order) from the downloaded
+    per-subject files, written atomically and checked against MMLU's row counts; the parts are then removed."""
+    import shutil
+    for split, n_rows in MMLU_ROWS.items():
+        parts = folder / ".mmlu_parts" / split
+        dest = folder / f"mmlu_{split}.csv"
+        if dest.exists() or not parts.is_dir():
+            continue
+        tmp = dest.with_name(dest.name + ".tmp")
+        n = 0
+        with open(tmp, "w", encoding="utf-8", newline="") as out:
+            w = csv.writer(out)  # the csv module's default dialect (CRLF rows), quoting only where needed
+            w.writerow(["subject", "question", "A", "B", "C", "D", "answer"])
+            for subject in MMLU_SUBJECTS:
+                with open(parts / f"{subject}.csv", encoding="utf-8", newline="") as f:
+                    for row in csv.reader(f):
+                        if len(row) != 6 or row[5] not in ("A", "B", "C", "D"):
+                            tmp.unlink()
+                            raise DownloadError(f"MMLU {subject}_{split}.csv: a row is not question,A,B,C,D,answer: "
+                                                f"{row[:2]!r}... Delete {parts} and run prepare_data.py --what=eval "
+                                                f"again")
+                        w.writerow([subject, *row])
+                        n += 1
+        if n != n_rows:
+            tmp.unlink()
+            raise DownloadError(f"MMLU {split}: {n:,} questions, MMLU has {n_rows:,}. Delete {parts} and run "
+                                f"prepare_data.py --what=eval again")
+        os.replace(tmp, dest)
+        shutil.rmtree(parts)
+    with contextlib.suppress(OSError):  # empty once every split is assembled
+        (folder / ".mmlu_parts").rmdir()
+
+
+def fetch_eval(folder: Path, required: bool):
+    """eval.py's files into `folder`. Only fatal when they are all that was asked for: a training run does not
+    need them (eval.py then runs the built-in tasks and says which files are missing)."""
+    jobs = eval_jobs(folder)
+    if not jobs:
+        assemble_mmlu(folder)  # parts complete from a run killed before it assembled them
+        return
+    try:
+        if not online(github_raw()):
+            raise DownloadError(f"no network: {github_raw()} does not answer. Set GITHUB_RAW to a proxy you can "
+                                f"reach, or copy the files (../shared/data/eval has them) into {folder}")
+        print0(f"downloading {len(jobs)} evaluation file(s) from {github_raw()} into {folder}")
+        download_all(jobs, workers=workers, retries=retries, timeout=timeout)
+        assemble_mmlu(folder)
+        print0(f"done: {folder} (eval.py's tasks)")
+    except DownloadError as e:
+        if required:
+            raise
+        print0(f"warning: the evaluation files were not fetched ({str(e).splitlines()[0]}); eval.py will run the "
+               f"built-in tasks only. Fetch them later: python prepare_data.py --what=eval")
+
+
 def main(argv=None):
     apply_overrides(globals(), sys.argv[1:] if argv is None else argv)
     base = common.base_dir()
     root = Path(data_root).expanduser() if data_root else base / "base_data"
     conv_dir = Path(data_dir).expanduser() if data_dir else base / "data"
+    eval_dir = Path(eval_data_dir).expanduser() if eval_data_dir else base / "eval_data"
     if convert:
         n_train, n_val = convert_files(convert, root, rows_per_shard)
         print0(f"converted {convert}: {n_train:,} training and {n_val:,} validation documents -> {root} "
@@ -437,11 +560,15 @@ def main(argv=None):
         print0(f"built-in data: {out / 'base'} (pretraining shards) and {out / 'dolly.jsonl'} (Dolly-format rows)")
         return
     parts = {p.strip() for p in what.split(",") if p.strip()}
-    unknown = parts - {"base", "chat", "dolly"}
+    unknown = parts - {"base", "chat", "dolly", "eval"}
     if unknown:
-        raise UserError(f"what={what!r}: unknown part(s) {', '.join(sorted(unknown))}; use base, chat, dolly")
+        raise UserError(f"what={what!r}: unknown part(s) {', '.join(sorted(unknown))}; use base, chat, dolly, eval")
     jobs = jobs_for(parts, root, conv_dir, num_shards)
     missing = [(u, d) for u, d in jobs if not d.exists()]
+    if "eval" in parts:
+        fetch_eval(eval_dir, required=parts == {"eval"})
+    if not jobs:
+        return
     if not missing:
         print0(f"all {len(jobs)} file(s) already there: {root}, {conv_dir}")
         return
@@ -457,7 +584,6 @@ def main(argv=None):
     print0(f"downloading {len(missing)} file(s) from {endpoint()} ({workers} at a time) into {root} and {conv_dir}")
     download_all(missing, workers=workers, retries=retries, timeout=timeout)
     print0(f"done: {root} (pretraining), {conv_dir} (conversations)")
-
 
 if __name__ == "__main__":
     common.run(main)

@@ -56,6 +56,14 @@ stage() {  # stage <run folder> <script> [args...]: skip a finished stage, else 
   launch "$@" --auto_resume=True
 }
 
+report() {  # report [args...]: report.py's page of the runs (plots, tables, samples); a failure only warns, since
+  # the training it describes is done and saved
+  if [ "${NODE_RANK:-0}" != 0 ]; then return 0; fi  # one page per pipeline: node 0's
+  if ! run "$PYTHON" report.py "$@"; then
+    echo "warning: report.py failed (see above); the training itself is done. Try again: $PYTHON report.py $*" >&2
+  fi
+}
+
 check_collectives() {  # multi-GPU: an all-reduce over every GPU, checked, under a timeout, before hours of training
   if [ "$NPROC" -gt 1 ] || [ "${NNODES:-1}" -gt 1 ]; then
     if ! TIMEOUT_S=${CHECK_TIMEOUT:-120} launch check_gpus.py; then

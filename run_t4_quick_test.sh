@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # run_t4_quick_test.sh: the T4 guide's quick test. Every stage, briefly, to see that the machine, the data and the
 # code work before a real run: base (depth 8, 100 steps), mid (50 steps), SFT (20), a short Dolly finetune (20),
-# then one answer from the model.
+# the report of every stage ($NANOCHAT_BASE_DIR/report/report.md), then one answer from the model.
 #   GPUs: all it finds, under torchrun (4x T4: about 15 min). No GPU: the same stages on the CPU with a small model
 #   (depth 4, the byte tokenizer), about 2 min on 2 cores; it says so when it starts.
 #   Disk: ~250 MB (2 FineWeb-Edu shards, Dolly); a few MB with the built-in data (no network: used automatically).
@@ -60,7 +60,11 @@ stage "$CK/dolly_checkpoints/$RUN_NAME" finetune_dolly.py ${DOLLY[@]+"${DOLLY[@]
   --max_steps="$DOLLY_STEPS" --warmup_steps=$(( DOLLY_STEPS / 10 )) --eval_every=$(( (DOLLY_STEPS + 1) / 2 )) \
   --checkpoint_interval=$(( (DOLLY_STEPS + 1) / 2 )) "$@"
 
+# ---- the report: every stage's curves, setup, evals and samples on one page ----
+report --run_name="$RUN_NAME"
+
 # ---- one answer from the model ----
 run "$PYTHON" chat.py --checkpoint="$CK/dolly_checkpoints/$RUN_NAME" -p "${PROMPT:-Who are you?}" --max_tokens=48 \
   --temperature=0
 echo "quick test done. Chat with it: python chat.py --checkpoint=$CK/dolly_checkpoints/$RUN_NAME"
+echo "      how each stage went: $BASE_DIR/report/report.md"

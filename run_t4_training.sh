@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # run_t4_training.sh: the whole pipeline on 4x T4 (16 GB, fp16), the T4 guide's full run: data, our own tokenizer,
-# base (depth 12), mid, SFT, Dolly-15k finetuning, evaluation (when eval.py is there), and the command to chat.
+# base (depth 12), mid, SFT, Dolly-15k finetuning, evaluation (eval.py), the report of every stage
+# ($NANOCHAT_BASE_DIR/report/report.md: plots, setup, evals, samples), and the command to chat.
 #   Settings: the T4 guide's, which are the stage scripts' defaults (base: seq 1024, 4 x 4 GPUs x 8 accumulation =
 #   131,072 tokens/step; mid: 65,536 tokens/step; SFT: 8 conversations/step; Dolly: the nano-gpt guide's 1,750 steps).
 #   Time on 4x T4 (python train_base.py --preflight=True --gpu=4xT4): base ~10 h at 20 tokens/parameter, more than
@@ -9,7 +10,8 @@
 # Knobs (environment, default): NPROC (4), DEPTH (12), RUN_NAME (d$DEPTH), NUM_SHARDS (64), TOKENIZER (our own BPE,
 #   trained first; gpt2 for GPT-2's), DATA_ROOT, MIXTURE (SmolTalk + GSM8K + built-in tasks), DOLLY_PATH,
 #   BASE_ARGS / MID_ARGS / SFT_ARGS / DOLLY_ARGS (extra flags for one stage), STAGES (base,mid,sft,dolly,eval: the
-#   ones to run), EVAL_DATA_DIR ($NANOCHAT_BASE_DIR/eval_data: eval.py's files; no files, no eval), DRY_RUN=1, and
+#   ones to run), EVAL_DATA_DIR ($NANOCHAT_BASE_DIR/eval_data: eval.py's files; no files, no eval), EVAL_LIMIT
+#   (500 items per task, so the answers of 14k MMLU questions do not add hours; -1 = all), DRY_RUN=1, and
 #   those of run_common.sh. Arguments go to every stage:
 #   bash run_t4_training.sh --device_batch_size=2
 # The other setups (run_3x3080.sh, run_rtx4060_laptop.sh, run_single_gpu.sh, run_cpu.sh, run_multinode.sh) are this
@@ -36,7 +38,7 @@ TOKENIZER=${TOKENIZER:-$BASE_DIR/tokenizer}
 READY=$BASE_DIR/.prepared_$RUN_NAME
 if [ "${NODE_RANK:-0}" = 0 ]; then
   if [ -z "${DATA_ROOT:-}" ] || [ -z "${DOLLY_PATH:-}" ] || [ -z "${MIXTURE+x}" ]; then
-    run "$PYTHON" prepare_data.py --what=base,chat,dolly --num_shards="${NUM_SHARDS:-64}" --offline_fallback=False
+    run "$PYTHON" prepare_data.py --what=base,chat,dolly,eval --num_shards="${NUM_SHARDS:-64}" --offline_fallback=False
   fi
   pick_data
   if [ "$TOKENIZER" = "$BASE_DIR/tokenizer" ] && [ ! -f "$TOKENIZER/bpe_config.json" ]; then
@@ -70,10 +72,13 @@ want sft && stage "$CK/chatsft_checkpoints/$RUN_NAME" train_sft.py \
 want dolly && stage "$CK/dolly_checkpoints/$RUN_NAME" finetune_dolly.py \
   --pretrained_checkpoint="$CK/chatsft_checkpoints/$RUN_NAME" --dolly_path="$DOLLY_PATH" --run_name="$RUN_NAME" \
   ${DOLLY_X[@]+"${DOLLY_X[@]}"} "$@"
-if want eval && [ -f eval.py ] && ls "${EVAL_DATA_DIR:-$BASE_DIR/eval_data}"/* >/dev/null 2>&1; then
+if want eval && ls "${EVAL_DATA_DIR:-$BASE_DIR/eval_data}"/* >/dev/null 2>&1; then
   for STAGE_DIR in checkpoints chatsft_checkpoints dolly_checkpoints; do  # the benchmarks for each stage's model
-    launch eval.py --checkpoint="$CK/$STAGE_DIR/$RUN_NAME" --eval_data_dir="${EVAL_DATA_DIR:-$BASE_DIR/eval_data}"
+    launch eval.py --checkpoint="$CK/$STAGE_DIR/$RUN_NAME" --eval_data_dir="${EVAL_DATA_DIR:-$BASE_DIR/eval_data}" \
+      --limit="${EVAL_LIMIT:-500}"
   done
 fi
-echo "done. Chat with the SFT model: python chat.py --checkpoint=$CK/chatsft_checkpoints/$RUN_NAME"
+report --run_name="$RUN_NAME"  # every stage's curves, setup, evals and samples on one page
+echo "done. How each stage went: $BASE_DIR/report/report.md"
+echo "      Chat with the SFT model: python chat.py --checkpoint=$CK/chatsft_checkpoints/$RUN_NAME"
 echo "      or the Dolly-finetuned one: python chat.py --checkpoint=$CK/dolly_checkpoints/$RUN_NAME"

@@ -97,6 +97,11 @@ class Tokenizer:
         return b"".join(self._token_values[i] if 0 <= i < n_text else self._special_text.get(i, _UNKNOWN)
                         for i in ids)
 
+    def vocabulary(self) -> tuple[list[bytes], dict[int, str]]:
+        """(the bytes of every text token, by id; {id: name} of the specials, one name per id: GPT-2's 50256 is
+        '<|endoftext|>', not our '<|bos|>' alias). What an exporter needs to write this vocabulary in another format."""
+        return list(self._token_values), {i: t.decode("utf-8") for i, t in self._special_text.items()}
+
     def special_id(self, name: str) -> int:
         if name not in self._specials:
             raise UserError(f"unknown special token {name!r} for tokenizer {self.name!r}; "
@@ -259,18 +264,24 @@ def _read_verified(path: Path, file_name: str) -> bytes:
     return data
 
 
+def byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's spelling of each byte as a printable character (its bytes_to_unicode): printable bytes as themselves,
+    the other 68 as chr(256 + n) in byte order. Its files and Hugging Face's byte-level tokenizers write tokens so."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    shifted = [b for b in range(256) if b not in set(printable)]
+    return {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(shifted)}
+
+
 def _ranks_from_data_gym(vocab_bpe: bytes, encoder_json: bytes) -> dict[bytes, int]:
     """GPT-2's merges -> tiktoken ranks; the same algorithm as tiktoken.load.data_gym_to_mergeable_bpe_ranks.
 
     We cannot call that function on local files: it copies them into the cache folder, which fails when
     TIKTOKEN_CACHE_DIR is read-only (../shared/tiktoken_cache is).
     """
-    # GPT-2 spells every byte as a printable character: printable bytes as themselves, the other 68 as
-    # chr(256 + n). Ranks 0..255 follow that same order.
-    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-    shifted = [b for b in range(256) if b not in set(printable)]
-    char_to_byte = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(shifted)}
-    ranks = {bytes([b]): rank for rank, b in enumerate(printable + shifted)}
+    alphabet = byte_level_alphabet()
+    char_to_byte = {c: b for b, c in alphabet.items()}
+    # ranks 0..255 are the single bytes in the order of the characters that spell them
+    ranks = {bytes([b]): rank for rank, b in enumerate(sorted(range(256), key=alphabet.get))}
 
     def to_bytes(word: str) -> bytes:
         return bytes(char_to_byte[c] for c in word)

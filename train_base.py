@@ -23,6 +23,7 @@ depth = 12                    # number of transformer layers: the one size dial 
 n_embd = -1                   # model width; -1 = 64 * depth
 n_head = -1                   # attention heads; -1 = width / 128
 n_kv_head = -1                # key/value heads (grouped-query attention when < n_head); -1 = n_head
+tie_embeddings = False        # lm_head shares the embedding matrix (GPT-2, SmolLM2): fewer weights, same export
 max_seq_len = 1024            # tokens per sequence (the T4 guide: 1024; lower it first when out of memory)
 tokenizer = "gpt2"            # gpt2 | bytes (tiny smoke tests) | a folder from train_tokenizer.py
 # data

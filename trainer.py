@@ -33,7 +33,7 @@ from schedule import Schedule, make_schedule
 
 # the globals a stage script may declare to shape a model from scratch (base); later stages take the shape
 # from the checkpoint they start from, and only check these when the user passes them explicitly
-ARCH_KEYS = ("depth", "n_embd", "n_head", "n_kv_head")
+ARCH_KEYS = ("depth", "n_embd", "n_head", "n_kv_head", "tie_embeddings")
 
 
 # optimizer group keys -> the settings a user changes to move them

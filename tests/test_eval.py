@@ -162,3 +162,98 @@ def test_generative_tasks_read_letters_and_numbers_and_score_what_is_generated(t
         assert ev.run_gen_task(model, tok, task, data, n=3)["acc"][0] == 0.0, task
         monkeypatch.undo()
         monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tiny_pipeline.base_dir))
+
+
+# IFEval: hand-written replies to prompts with known instructions, labelled here by reading the instruction
+# (strict, loose) per instruction. The language check runs langdetect; the sentence count runs NLTK's Punkt.
+IFEVAL_CASES = [
+    ({"key": 1, "prompt": "Describe the sea in two sentences, all in lowercase, without commas.",
+      "instruction_id_list": ["change_case:english_lowercase", "punctuation:no_comma",
+                              "length_constraints:number_sentences"],
+      "kwargs": [{}, {}, {"relation": "less than", "num_sentences": 3}]},
+     [("the sea is wide and blue. it never sleeps.", [True, True, True], [True, True, True]),
+      ("The sea is wide, and blue. It never sleeps. It sings. It roars.", [False, False, False],
+       [False, False, False]),
+      # a chatty first line breaks the strict reading (an uppercase S, a third sentence); loose drops that line
+      ("Sure! Here you go:\nthe sea is wide and blue. it never sleeps.", [False, True, False], [True, True, True])]),
+    ({"key": 2, "prompt": "Antworte auf Deutsch: was ist ein Fluss? End your reply with 'Ist das alles?'",
+      "instruction_id_list": ["language:response_language", "startend:end_checker"],
+      "kwargs": [{"language": "de"}, {"end_phrase": "Ist das alles?"}]},
+     [("Ein Fluss ist ein natürliches Fließgewässer, das sich von der Quelle bis zur Mündung durch die Landschaft "
+       "bewegt. Ist das alles?", [True, True], [True, True]),
+      ("A river is a natural stream of water flowing towards an ocean, a lake or another river.",
+       [False, False], [False, False])]),
+    ({"key": 3, "prompt": "List exactly three tips as markdown bullets and add a postscript starting with P.S.",
+      "instruction_id_list": ["detectable_format:number_bullet_lists", "detectable_content:postscript"],
+      "kwargs": [{"num_bullets": 3}, {"postscript_marker": "P.S."}]},
+     [("* sleep well\n* drink water\n* walk daily\n\nP.S. start today", [True, True], [True, True]),
+      ("* sleep well\n* drink water\n\nThat is all.", [False, False], [False, False])]),
+]
+
+
+def _ifeval_expected():
+    docs, replies, strict, loose = [], [], [], []
+    for doc, answers in IFEVAL_CASES:
+        for reply, s, lo in answers:
+            docs.append(doc), replies.append(reply), strict.append(s), loose.append(lo)
+    return docs, replies, strict, loose
+
+
+def test_ifeval_scores_hand_written_replies_as_the_harness_does_offline_and_twice_alike(tmp_path, monkeypatch):
+    """Our IFEval = lm-evaluation-harness's checkers (its process_results), so the labels above are what the
+    package's reference code says; a fresh process with no nltk_data anywhere (new HOME and base dir, nothing can
+    be downloaded) gives the same results twice, and the aggregates are the harness's."""
+    import evaluate
+    docs, replies, strict, loose = _ifeval_expected()
+    code = ("import json, sys; import evaluate; d, r = json.load(sys.stdin); "
+            "print(json.dumps(evaluate.ifeval_results(d, r)))")
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "NANOCHAT_BASE_DIR": str(tmp_path / "nc"),
+           "NLTK_DATA": str(tmp_path / "no_nltk_data")}
+    runs = []
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=120, input=json.dumps([docs, replies]))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "punkt_tab" not in r.stdout + r.stderr  # found locally: no download attempted or reported
+        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    assert runs[0] == runs[1]
+    assert (tmp_path / "nc" / "nltk_data" / "tokenizers" / "punkt_tab" / "english" / "ortho_context.tab").is_file()
+    assert [r["inst_level_strict_acc"] for r in runs[0]] == strict
+    assert [r["inst_level_loose_acc"] for r in runs[0]] == loose
+    assert [r["prompt_level_strict_acc"] for r in runs[0]] == [all(s) for s in strict]
+    assert [r["prompt_level_loose_acc"] for r in runs[0]] == [all(lo) for lo in loose]
+    # eval.py's task: what the model generated goes to the checkers; prompt level per prompt, instruction level
+    # over all instructions (the harness's agg_inst_level_acc)
+    data = tmp_path / "eval_data"
+    data.mkdir()
+    (data / "ifeval_input_data.jsonl").write_text("".join(json.dumps(d) + "\n" for d, _ in IFEVAL_CASES))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "nc"))
+    by_key = {doc["key"]: answers[0][0] for doc, answers in IFEVAL_CASES}  # each prompt's passing reply
+    monkeypatch.setattr(evaluate, "answer_items", lambda m, t, its, **kw: [
+        (kind, conv, by_key[conv[-1]["doc"]["key"]]) for kind, conv in its])
+    res = ev.run_gen_task(random_model(), TOK, "ifeval", data)
+    assert res["n"] == 3 and res["prompt_level_strict_acc"][0] == 1.0 and res["inst_level_loose_acc"][0] == 1.0
+    by_key = {doc["key"]: answers[1][0] for doc, answers in IFEVAL_CASES}  # each prompt's failing reply
+    res = ev.run_gen_task(random_model(), TOK, "ifeval", data)
+    assert res["prompt_level_strict_acc"][0] == 0.0 and res["inst_level_strict_acc"][0] == 0.0
+    by_key = {1: IFEVAL_CASES[0][1][2][0], 2: IFEVAL_CASES[1][1][0][0], 3: IFEVAL_CASES[2][1][1][0]}
+    res = ev.run_gen_task(random_model(), TOK, "ifeval", data)
+    assert res["prompt_level_strict_acc"][0] == pytest.approx(1 / 3)
+    assert res["inst_level_strict_acc"][0] == pytest.approx(3 / 7) and res["prompt_level_loose_acc"][0] == 2 / 3
+    assert "prompt_level_strict_acc" in ev.table({"ifeval": res})
+
+
+def test_val_bpb_scores_the_runs_own_validation_shard(tiny_pipeline, monkeypatch):
+    """A base checkpoint's bits per byte on the validation shard its run set aside, with a stderr; a folder with no
+    shards says so."""
+    from checkpoint import load_model
+    from common import UserError
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tiny_pipeline.base_dir))
+    model, tok, meta = load_model("base")
+    res = ev.run_val_bpb(model, tok, meta["config"], n=4)
+    bpb, err = res["bpb"]
+    assert res["n"] == 4
+    assert 0 < bpb < 8 and 0 < err < bpb and ev.headline(res) == bpb
+    monkeypatch.setattr(ev, "data_root", str(tiny_pipeline.base_dir / "no_such_folder"))
+    with pytest.raises(UserError):
+        ev.run_val_bpb(model, tok, meta["config"], n=4)

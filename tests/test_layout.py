@@ -13,9 +13,9 @@ from conftest import REPO
 # processes or globals.
 BOTTOM = {"configurator", "optim", "model", "chat_format", "tokenizer"}
 MIDDLE = {"common", "defaults", "schedule", "checkpoint", "trainer", "dataloader", "conversations",
-          "conversation_loader", "tasks", "evaluate", "engine", "preflight"}
+          "conversation_loader", "tasks", "evaluate", "engine", "preflight", "hf"}
 TOP = {"train_base", "train_mid", "train_sft", "finetune_dolly", "chat", "bench", "bench_baseline", "prepare_data",
-       "check_gpus", "train_tokenizer", "eval"}
+       "check_gpus", "train_tokenizer", "eval", "export_hf", "report"}
 
 
 def _imports(name):

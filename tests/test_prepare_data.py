@@ -12,6 +12,7 @@ import pytest
 
 import prepare_data as pd
 from common import UserError
+from conftest import SHARED, needs_shared
 
 
 def parquet_bytes(n_rows=2000, seed=0):
@@ -198,3 +199,48 @@ def test_redirects_ranges_the_server_ignores_and_a_complete_partial_file(server,
     server.files["/z.parquet"] = body
     (tmp_path / "z.parquet.part").write_bytes(body)
     assert pd.download(f"{server.url}/z.parquet", tmp_path / "z.parquet", backoff=0).read_bytes() == body
+
+
+@needs_shared
+def test_eval_files_arrive_byte_for_byte_and_mmlu_is_assembled_per_split(server, tmp_path, monkeypatch):
+    """eval.py's files from GitHub (GITHUB_RAW: a proxy, here our server) with their pinned sha256; MMLU's 57
+    headerless per-subject files per split become one CSV with a subject column, as ../shared/data/eval has it."""
+    import csv
+    shared = SHARED / "data" / "eval"
+    monkeypatch.setenv("GITHUB_RAW", server.url)
+    for name, (path, _) in pd.EVAL_FILES.items():
+        server.files["/" + path] = (shared / name).read_bytes()
+    for split in pd.MMLU_ROWS:
+        per_subject = {}
+        with open(shared / f"mmlu_{split}.csv", encoding="utf-8", newline="") as f:
+            for row in csv.DictReader(f):
+                per_subject.setdefault(row["subject"], []).append([row[k] for k in ("question", "A", "B", "C", "D",
+                                                                                     "answer")])
+        for subject, rows in per_subject.items():
+            buf = io.StringIO()
+            csv.writer(buf, lineterminator="\n").writerows(rows)
+            server.files["/" + pd.MMLU.format(split=split, subject=subject)] = buf.getvalue().encode()
+    out = tmp_path / "eval_data"
+    server.cut["/" + pd.EVAL_FILES["gsm8k_test.jsonl"][0]] = 1000  # one file drops mid-way: resumed
+    pd.main(["--what=eval", f"--eval_data_dir={out}", "--workers=8"])
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([*pd.EVAL_FILES, "mmlu_dev.csv", "mmlu_val.csv", "mmlu_test.csv"])  # no parts left
+    for name in names:
+        assert (out / name).read_bytes() == (shared / name).read_bytes(), name
+    # a file that is not the pinned one is refused, not kept
+    (out / "piqa_val.jsonl").unlink()
+    server.files["/" + pd.EVAL_FILES["piqa_val.jsonl"][0]] = b'{"query": "changed"}\n'
+    with pytest.raises(UserError, match="sha256"):
+        pd.main(["--what=eval", f"--eval_data_dir={out}", "--retries=1"])
+    assert not (out / "piqa_val.jsonl").exists() and not (out / "piqa_val.jsonl.part").exists()
+
+
+def test_eval_files_without_a_network_fail_only_when_they_are_all_that_was_asked(base_dir, monkeypatch, capsys):
+    monkeypatch.setenv("GITHUB_RAW", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    folder = f"--eval_data_dir={base_dir / 'eval_data'}"
+    with pytest.raises(UserError, match="GITHUB_RAW"):
+        pd.main(["--what=eval", folder])
+    pd.main(["--what=dolly,eval", folder, "--offline_fallback=True"])  # training data asked too: a warning, and the run goes on (built-in data here)
+    out = capsys.readouterr().out
+    assert "evaluation files were not fetched" in out and "built-in data" in out

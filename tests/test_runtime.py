@@ -244,6 +244,36 @@ def test_eval_loss_is_nan_not_zero_when_no_token_is_trained(capsys):
     assert "hold no trained token" in capsys.readouterr().out
 
 
+def test_eval_loss_bpb_stderr_is_the_ratio_estimators_over_sequences():
+    from evaluate import eval_loss
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(depth=1, n_embd=32, n_head=2, vocab_size=64, max_seq_len=8)).eval()
+    batches = [(torch.randint(0, 64, (3, 8)), torch.randint(0, 64, (3, 8))) for _ in range(2)]
+    token_bytes = torch.randint(0, 4, (64,))
+
+    class Loader:
+        def reset(self):
+            self.i = 0
+
+        def next_batch(self):
+            self.i += 1
+            return batches[self.i - 1]
+
+    out = eval_loss(model, Loader(), 2, token_bytes=token_bytes, stderr=True)
+    rows = []  # (nats, bytes) per sequence, by hand
+    with torch.no_grad():
+        for x, y in batches:
+            losses, b = model(x, y, reduction="none"), token_bytes[y]
+            rows += [((losses[i] * (b[i] > 0)).sum().item(), b[i].sum().item()) for i in range(3)]
+    n = torch.tensor([r[0] for r in rows], dtype=torch.float64)
+    b = torch.tensor([r[1] for r in rows], dtype=torch.float64)
+    ratio = n.sum() / b.sum()
+    se = ((n - ratio * b).pow(2).sum() / (len(rows) - 1) / len(rows)).sqrt() / b.mean() / math.log(2)
+    assert out["val_bpb"] == pytest.approx((ratio / math.log(2)).item(), rel=1e-6)
+    assert out["val_bpb_stderr"] == pytest.approx(se.item(), rel=1e-6)
+
+
 def test_a_flag_at_its_default_value_still_counts_as_the_users():
     # --matrix_lr=0.02 (its default) must pin matrix_lr, so it does not follow a changed max_lr
     g = {"max_lr": 0.004, "matrix_lr": 0.02, "total_batch_size": 1024, "__file__": "stage.py"}
