@@ -67,6 +67,11 @@ class ChatFormat:
         """An answer and its end-of-turn token (trained: the model must learn to stop)."""
         raise NotImplementedError
 
+    def after_answer(self) -> list:
+        """What a template writes after the end-of-turn token, before the next turn (ChatML's newline): part of the
+        rendering, never trained (the answer ended at the end-of-turn token)."""
+        return []
+
     def user_turns(self, ids) -> int:
         """How many user turns a rendered sequence holds (user text is encoded as ordinary text, so it can
         never forge the token that starts a turn)."""
@@ -92,10 +97,11 @@ class ChatFormat:
         ids = self.header(system)
         mask = [0] * len(ids)
         ends = [len(ids)]  # ends[0]: the header; ends[k]: after exchange k
+        tail = self.after_answer()
         for u, a in pairs:
             prompt, answer = self.prompt_part(u), self.answer_part(a)
-            ids += prompt + answer
-            mask += [0] * len(prompt) + [1] * len(answer)
+            ids += prompt + answer + tail
+            mask += [0] * len(prompt) + [1] * len(answer) + [0] * len(tail)
             ends.append(len(ids))
         if user is not None:
             prompt = self.prompt_part(user)
@@ -123,9 +129,10 @@ class ChatFormat:
             # max_seq_len=256 then costs one exchange of encoding, not the whole conversation
             limit = max_seq_len + 1
             ids, mask, ends = self._parts(system, [])
+            tail = self.after_answer()
             for u, a in pairs:
                 prompt, answer = self.prompt_part(u), self.answer_part(a)
-                ids, mask = ids + prompt + answer, mask + [0] * len(prompt) + [1] * len(answer)
+                ids, mask = ids + prompt + answer + tail, mask + [0] * len(prompt) + [1] * len(answer) + [0] * len(tail)
                 ends.append(len(ids))
                 if len(ids) > limit:
                     break
@@ -232,3 +239,83 @@ class T4ChatFormat(ChatFormat):
             "{%- endfor -%}"
             "{%- if add_generation_prompt -%}<|assistant_start|>{%- endif -%}"
         )
+
+
+class ChatMLFormat(ChatFormat):
+    """ChatML, the template of SmolLM2, Qwen and many Hugging Face models:
+
+        [<|im_start|>system\n system <|im_end|>\n]
+        { <|im_start|>user\n user <|im_end|>\n <|im_start|>assistant\n assistant <|im_end|>\n } per exchange
+
+    Trained: the assistant's content and its <|im_end|>, as in t4chat's template; the newline after it is the
+    template's, not the answer's. No bos: ChatML models start with <|im_start|>. Some models' templates add a
+    system message of their own when the conversation has none (SmolLM2: "You are a helpful AI assistant named
+    SmolLM, trained by Hugging Face"): default_system, read from the model's template by the tokenizer."""
+    name = "chatml"
+    stop_names = ("<|im_end|>", "<|bos|>", "<|im_start|>")  # end of turn; a new document; a made-up next turn
+
+    def __init__(self, tok, default_system=None, template=None):
+        super().__init__(tok)
+        self.default_system, self.template = default_system, template
+
+    def _turn_start(self, role, text):
+        return [self.tok.special_id("<|im_start|>")] + self.tok.encode(f"{role}\n{text}")
+
+    def header(self, system):
+        system = system if system is not None else self.default_system
+        if system is None:
+            return []
+        return self._turn_start("system", system) + [self.tok.special_id("<|im_end|>")] + self.after_answer()
+
+    def prompt_part(self, user):
+        return (self._turn_start("user", user) + [self.tok.special_id("<|im_end|>")] + self.after_answer()
+                + self._turn_start("assistant", ""))
+
+    def answer_part(self, assistant):
+        return self.tok.encode(assistant) + [self.tok.special_id("<|im_end|>")]
+
+    def after_answer(self):
+        return self.tok.encode("\n")
+
+    def user_turns(self, ids):
+        ids, start, user = list(ids), self.tok.special_id("<|im_start|>"), self.tok.encode("user\n")
+        return sum(1 for i, t in enumerate(ids) if t == start and ids[i + 1:i + 1 + len(user)] == user)
+
+    def jinja_template(self):
+        if self.template:  # the model's own: an export gives back the folder it came from
+            return self.template
+        return ("{%- for message in messages -%}"
+                "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+                "{%- endfor -%}"
+                "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+
+
+class NoChatFormat(ChatFormat):
+    """A vocabulary with no chat template we can follow: plain-text prompts work, chat is refused by name."""
+    name = "none"
+
+    def __init__(self, tok, why):
+        super().__init__(tok)
+        self.why = why
+
+    def _refuse(self, *_):
+        raise UserError(f"this model has no chat format t4chat can follow: {self.why}. Plain-text completion "
+                        f"works; for chat, start from a model with a ChatML or t4chat template")
+
+    header = prompt_part = answer_part = user_turns = _refuse
+
+    def stop_ids(self, chat=True):
+        return self._refuse() if chat else super().stop_ids(chat=False)
+
+
+def render_jinja(template: str, messages, *, add_generation_prompt=False, **special_tokens) -> str:
+    """A Hugging Face chat template rendered as transformers renders it (a sandboxed Jinja environment with
+    trim_blocks and lstrip_blocks, raise_exception), without importing transformers."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(message)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            **special_tokens)

@@ -249,6 +249,9 @@ def load_checkpoint(path, key="checkpoint_path or --pretrained_checkpoint") -> d
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist")
+    if path.is_dir():  # resolve_checkpoint gives a folder only for hf:<folder>
+        from hf import hf_checkpoint
+        return hf_checkpoint(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -294,8 +297,12 @@ def resolve_checkpoint(spec: str, *, default_stage=None, key="pretrained_checkpo
     dolly, mid, base; finetune_dolly.py: sft, else mid, else base). Taking a later one than the first appends a
     sentence saying so to `notes` (a list), for the caller to show."""
     spec = (spec or "").strip()
-    if spec.startswith("hf:"):
-        raise UserError(f"{spec}: loading Hugging Face checkpoints is not supported yet")
+    if spec.startswith("hf:"):  # a Hugging Face model folder (hf.py reads it; load_checkpoint knows the folder)
+        folder = Path(spec[3:]).expanduser()
+        if not (folder / "config.json").is_file():
+            raise UserError(f"--{key}={spec}: {folder} is not a Hugging Face model folder (no config.json). Download "
+                            f"one first, e.g. huggingface-cli download HuggingFaceTB/SmolLM2-135M --local-dir {folder}")
+        return folder.resolve()
     if not spec:
         stages = (default_stage,) if isinstance(default_stage, str) else tuple(default_stage or ())
         if not stages:
@@ -317,6 +324,8 @@ def resolve_checkpoint(spec: str, *, default_stage=None, key="pretrained_checkpo
     if found is not None:
         return found
     looked = f"{where}" + (f" (stage '{spec}' under $NANOCHAT_BASE_DIR={base_dir()})" if spec in STAGE_DIRS else "")
+    if (where / "config.json").is_file():
+        raise UserError(f"{where} looks like a Hugging Face model folder: pass --{key}=hf:{spec}")
     raise UserError(f"no complete checkpoint found at {looked}. Train that stage first, or pass "
                     f"--{key}=<a ckpt_*.pt file or a run directory>")
 
@@ -331,7 +340,7 @@ def checkpoint_tokenizer(recorded, path):
     if not isinstance(recorded, dict) or "name" not in recorded:
         raise UserError(f"{path} records no tokenizer (got {recorded!r}); it was not written by t4chat")
     name = recorded["name"]
-    if name in ("gpt2", "bytes"):
+    if name in ("gpt2", "bytes") or name.startswith("hf:"):  # hf: the Hugging Face folder the run started from
         tok = get_tokenizer(name)
         check_compatible(recorded, tok, str(path))
         return tok

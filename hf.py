@@ -3,12 +3,15 @@
     write_hf_folder(model, tok, folder, dtype="float16", chat=True, provenance={...})   # export_hf.py's work
     check_hf_folder(folder, model, tok)      # transformers loads it and agrees with us: logits, ids, chat template
     gpt_from_hf_folder(folder)               # our GPT from such a folder's config.json + model.safetensors
+    hf_checkpoint(folder)                    # such a folder as a checkpoint dict: pretrained_checkpoint=hf:<folder>
 
 The model is a rename: our modules carry Llama's names, RMSNorm, SwiGLU and rotate-half RoPE (model.py), so a key
 gains "model." (lm_head keeps its own) and the config is a table. The tokenizer is rebuilt for the `tokenizers`
 library: a byte-level BPE whose vocabulary is our tokens spelled in GPT-2's byte alphabet, whose merges are
 recovered from the ranks, behind our split pattern; the chat specials are added tokens with our ids, and the chat
-template is chat_format's jinja_template(). The import half (an 'hf:' checkpoint spec) reads with the same tables.
+template is chat_format's jinja_template(). Import (an 'hf:<folder>' checkpoint spec: SmolLM2 and other Llama-family
+models, tied or not, GQA, their RoPE base, sharded safetensors) reads with the same tables; its tokenizer is
+tokenizer.HFTokenizer (the folder's tokenizer.json run by `tokenizers`), its chat format the folder's (ChatML).
 transformers, safetensors and tokenizers are imported inside the functions that use them: training never loads them.
 """
 import json
@@ -82,7 +85,8 @@ def gpt_config_from_llama(d: dict) -> GPTConfig:
     unsupported = {"model_type": (d.get("model_type"), "llama"), "hidden_act": (d.get("hidden_act", "silu"), "silu"),
                    "attention_bias": (d.get("attention_bias", False), False),
                    "mlp_bias": (d.get("mlp_bias", False), False),
-                   "rope_type": (rope.get("rope_type", rope.get("type", "default")), "default"),
+                   **{f"{f}.rope_type": ((d.get(f) or {}).get("rope_type", (d.get(f) or {}).get("type", "default")),
+                                          "default") for f in ("rope_parameters", "rope_scaling")},
                    "pretraining_tp": (d.get("pretraining_tp", 1), 1)}
     n_head = d["num_attention_heads"]
     unsupported["head_dim"] = (d.get("head_dim") or d["hidden_size"] // n_head, d["hidden_size"] // n_head)
@@ -122,13 +126,67 @@ def state_dict_from_hf(tensors: dict, cfg: GPTConfig) -> dict:
 
 
 def gpt_from_hf_folder(folder) -> GPT:
-    """Our GPT (float32, eval mode) from a folder's config.json and model.safetensors."""
+    """Our GPT (float32, eval mode) from a folder's config.json and its safetensors weights."""
+    folder = Path(folder)
+    cfg = read_hf_config(folder)
+    model = GPT(cfg)
+    model.load_state_dict(state_dict_from_hf(read_hf_weights(folder), model.config))
+    return model.float().eval()
+
+
+def read_hf_config(folder: Path) -> GPTConfig:
+    """Our config from config.json; UserError naming the field we cannot run (another architecture, rope scaling,
+    biases, a head_dim of its own)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{folder} is not a Hugging Face model folder: no config.json")
+    d = json.loads(path.read_text(encoding="utf-8"))
+    archs = d.get("architectures") or ["LlamaForCausalLM"]
+    if d.get("model_type") != "llama" or archs != ["LlamaForCausalLM"]:
+        raise UserError(f"{path}: model_type={d.get('model_type')!r}, architectures={archs}; t4chat runs Llama-family "
+                        f"models (model_type 'llama': SmolLM2, TinyLlama, Llama 2/3 without rope scaling)")
+    try:
+        return gpt_config_from_llama(d)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def read_hf_weights(folder: Path) -> dict:
+    """{HF key: tensor} from model.safetensors, or from the shards model.safetensors.index.json lists."""
     from safetensors.torch import load_file
     folder = Path(folder)
-    cfg = gpt_config_from_llama(json.loads((folder / "config.json").read_text(encoding="utf-8")))
-    model = GPT(cfg)
-    model.load_state_dict(state_dict_from_hf(load_file(str(folder / WEIGHTS_FILE)), model.config))
-    return model.float().eval()
+    index = folder / (WEIGHTS_FILE + ".index.json")
+    if (folder / WEIGHTS_FILE).is_file():
+        return load_file(str(folder / WEIGHTS_FILE))
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(str(folder / shard)).items()}
+    raise UserError(f"{folder} has no {WEIGHTS_FILE} (nor {index.name}); t4chat reads safetensors weights only "
+                    f"(a pytorch_model.bin is pickled code: convert it with transformers' save_pretrained)")
+
+
+def hf_checkpoint(folder) -> dict:
+    """A Hugging Face Llama folder as a t4chat checkpoint (what checkpoint.load_checkpoint returns): the weights
+    under our keys, the architecture, the tokenizer record (hf:<folder>, so every later checkpoint of a run that
+    starts here finds it), stage 'hf', step 0. Refuses, naming the field, what we cannot run."""
+    from tokenizer import get_tokenizer
+    folder = Path(folder).expanduser().resolve()
+    cfg = read_hf_config(folder).resolved()
+    tok = get_tokenizer(f"hf:{folder}")
+    if tok.n_tokens > cfg.vocab_size:
+        raise UserError(f"{folder}: tokenizer.json has {tok.n_tokens} tokens, config.json's vocab_size is "
+                        f"{cfg.vocab_size}: they are not one model's")
+    tensors = read_hf_weights(folder)
+    with torch.device("meta"):  # the key names without the memory
+        expected = {hf_key(k) for k in GPT(cfg).state_dict()}
+    missing = sorted(expected - set(tensors) - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
+    if missing:
+        raise UserError(f"{folder}: the weights lack {', '.join(missing)}; not a complete LlamaForCausalLM")
+    provenance = {}
+    if (folder / PROVENANCE_FILE).is_file():  # exported from here: its stage says what it is
+        provenance = json.loads((folder / PROVENANCE_FILE).read_text(encoding="utf-8"))
+    return {"model": state_dict_from_hf(tensors, cfg), "arch": cfg.arch_dict(), "tokenizer": tok.describe(),
+            "stage": "hf", "step": 0, "config": {}, "hf": {"folder": str(folder), "provenance": provenance}}
 
 
 # ---- the tokenizer ----
@@ -220,9 +278,18 @@ def write_hf_folder(model: GPT, tok, folder, *, dtype="float16", chat=True, prov
 
 
 def write_hf_tokenizer(tok, folder, *, chat=True, max_len=1024) -> list:
-    """tokenizer.json and tokenizer_config.json: what AutoTokenizer.from_pretrained(folder) reads."""
+    """tokenizer.json and tokenizer_config.json: what AutoTokenizer.from_pretrained(folder) reads. A tokenizer that
+    came from a Hugging Face folder (tokenizer.HFTokenizer) goes back as its own files: the same ids, specials and
+    chat template as the model it was imported from."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    source = getattr(tok, "folder", None)
+    if source is not None:
+        names = [n for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                             "chat_template.jinja") if (source / n).is_file()]
+        for name in names:
+            shutil.copyfile(source / name, folder / name)
+        return names
     hf_tokenizer(tok).save(str(folder / "tokenizer.json"))
     _write_json(folder / "tokenizer_config.json", hf_tokenizer_config(tok, chat=chat, max_len=max_len))
     return ["tokenizer.json", "tokenizer_config.json"]

@@ -45,6 +45,7 @@ GPT2_SHA256 = {
 # Hugging Face tokenizer folder can get its own loader later without being mistaken for ours.
 RANKS_FILE = "tokenizer.tiktoken"
 CONFIG_FILE = "bpe_config.json"
+HF_PREFIX = "hf:"  # tokenizer/checkpoint spec of a Hugging Face folder: hf:<folder>
 _UNKNOWN = "\ufffd".encode("utf-8")  # what an id outside the vocabulary (padding) decodes to
 
 
@@ -190,6 +191,117 @@ class ByteTokenizer(Tokenizer):
             return bytes(ids)  # ids 0..255 are the bytes themselves: one C call for the common case
         except (ValueError, TypeError):  # a special, padding or negative id
             return self._decode_slow(ids)
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face folder's tokenizer.json (a byte-level BPE: SmolLM2, GPT-2, Llama 3, Qwen) behind our face, run
+    by the `tokenizers` library itself, so the ids are the model's own. Its specials keep their ids, wherever they
+    sit (SmolLM2's are 0-16); <|bos|> is our alias for the document separator (<|endoftext|> where the vocabulary
+    has one, else the config's bos_token). As with ours, encode() never parses specials out of text. The chat
+    format comes from the folder's chat_template: ChatML (checked token for token against the template itself),
+    t4chat's (a model exported from here), or none (plain text only)."""
+
+    def __init__(self, folder):
+        from chat_format import NoChatFormat
+        self.folder = folder = Path(folder).expanduser().resolve()
+        data = _read_json(folder / "tokenizer.json", "the Hugging Face tokenizer (tokenizer.json)")
+        config = _read_json(folder / "tokenizer_config.json", "") if (folder / "tokenizer_config.json").exists() else {}
+        model = data.get("model") or {}
+        if model.get("type") != "BPE" or "ByteLevel" not in json.dumps([data.get("pre_tokenizer"),
+                                                                       data.get("decoder")]):
+            raise UserError(f"{folder / 'tokenizer.json'}: model.type={model.get('type')!r} with pre_tokenizer "
+                            f"{(data.get('pre_tokenizer') or {}).get('type')!r}; t4chat runs byte-level BPE "
+                            f"tokenizers (GPT-2, SmolLM2, Llama 3, Qwen), not SentencePiece/Unigram ones")
+        added = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+        char_to_byte = {c: b for b, c in byte_level_alphabet().items()}
+        values = [b""] * (max([*model["vocab"].values(), *added.values()]) + 1)
+        try:
+            for text, i in model["vocab"].items():
+                if text not in added:
+                    values[i] = bytes(char_to_byte[c] for c in text)
+        except KeyError as e:
+            raise UserError(f"{folder / 'tokenizer.json'}: vocabulary entry with character {e} is not byte-level "
+                            f"BPE; t4chat runs byte-level BPE tokenizers only") from None
+        bos = "<|endoftext|>" if "<|endoftext|>" in added else _token_name(config.get("bos_token"))
+        if bos not in added:
+            raise UserError(f"{folder}: no document separator: tokenizer.json has no <|endoftext|> and "
+                            f"tokenizer_config.json's bos_token is {config.get('bos_token')!r}")
+        # the pre-tokenizer and normaliser stand for the split pattern in the fingerprint
+        pattern = json.dumps([data.get("normalizer"), data.get("pre_tokenizer")], sort_keys=True)
+        super().__init__(f"hf:{folder}", values, {**added, BOS: added[bos]}, pattern)
+        self._pieces = list(values)  # decode shows a special as its name, as Hugging Face's decode does
+        for name, i in added.items():
+            self._pieces[i] = name.encode("utf-8")
+        from tokenizers import Tokenizer as Backend
+        self._full = Backend.from_str(json.dumps(data))  # parses specials in text: what the template renders to
+        data["added_tokens"] = [t for t in data.get("added_tokens", []) if not t.get("special")]
+        self._enc = Backend.from_str(json.dumps(data))
+        vocab = _read_json(folder / "config.json", "").get("vocab_size", 0) if (folder / "config.json").exists() else 0
+        if vocab >= self.n_tokens:  # the model's embedding may be padded beyond the tokenizer (never sampled)
+            self.vocab_size = vocab
+        self.template = _chat_template(folder, config)
+        self.chat_format = self._chat_format(config) if self.template else NoChatFormat(
+            self, f"{folder} has no chat_template (tokenizer_config.json or chat_template.jinja)")
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], num_threads: int = 4) -> list[list[int]]:
+        return [e.ids for e in self._enc.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode_bytes(self, ids) -> bytes:
+        n = len(self._pieces)
+        return b"".join(self._pieces[i] if 0 <= i < n else _UNKNOWN for i in _as_list(ids))
+
+    def _chat_format(self, config):
+        """The format the template follows, checked: our rendering must give the ids of the template's text."""
+        from chat_format import ChatMLFormat, NoChatFormat, T4ChatFormat, render_jinja
+        specials = {k: _token_name(v) for k, v in config.items() if k.endswith("_token") and v}
+        probe = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!"},
+                 {"role": "assistant", "content": "Hello.\nHow can I help?"}, {"role": "user", "content": "你好 🙂"}]
+        if "<|im_start|>" in self._specials and "<|im_start|>" in self.template:
+            default = render_jinja(self.template, probe[1:2], **specials)  # a system message of its own?
+            system = None
+            if default.startswith("<|im_start|>system\n"):
+                system = default[len("<|im_start|>system\n"):default.index("<|im_end|>")]
+            fmt = ChatMLFormat(self, default_system=system, template=self.template)
+        elif "<|assistant_start|>" in self._specials:
+            fmt = T4ChatFormat(self)
+        else:
+            return NoChatFormat(self, f"the chat_template of {self.folder} is neither ChatML nor t4chat's")
+        for messages, gen in ((probe, True), (probe[1:], True), (probe[:3], False)):
+            text = render_jinja(self.template, messages, add_generation_prompt=gen, **specials)
+            want = self._full.encode(text, add_special_tokens=False).ids
+            got = fmt.render_prompt(messages) if gen else fmt.render(messages)[0]
+            if got != want:
+                return NoChatFormat(self, f"the chat_template of {self.folder} renders a conversation differently "
+                                          f"from t4chat's {fmt.name} format ({self._full.decode(want, False)!r})")
+        return fmt
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path} is missing: a Hugging Face model folder needs {what or path.name}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+
+
+def _token_name(value):
+    """tokenizer_config.json spells a token as a string or as an AddedToken dict."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _chat_template(folder: Path, config: dict):
+    """The chat template: tokenizer_config.json's (a string, or a list of named ones: 'default'), or
+    chat_template.jinja beside it (transformers' newer layout)."""
+    t = config.get("chat_template")
+    if isinstance(t, list):
+        t = next((x.get("template") for x in t if x.get("name") == "default"), None)
+    if not t and (folder / "chat_template.jinja").is_file():
+        t = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    return t or None
 
 
 def _as_list(ids) -> list[int]:
@@ -428,12 +540,19 @@ _CACHE_LOCK = threading.Lock()
 
 
 def get_tokenizer(spec: str = "gpt2") -> Tokenizer:
-    """'gpt2' | 'bytes' | a save_bpe() folder (or a file in it). Built once per process and spec."""
+    """'gpt2' | 'bytes' | a save_bpe() folder (or a file in it) | hf:<Hugging Face folder>. Built once per process
+    and spec."""
     # built-in names are matched loosely (users type GPT2); a folder is keyed by its resolved path, so
     # 'tok/' and './tok' share one cache entry
     text = str(spec).strip()
     key = text.lower() if text.lower() in ("gpt2", "bytes") else None
-    if key is None:
+    if text.startswith(HF_PREFIX):
+        path = Path(text[len(HF_PREFIX):]).expanduser()
+        if not path.is_dir():
+            raise UserError(f"tokenizer={spec!r}: {path} is not a folder; hf:<folder> names a Hugging Face model "
+                            f"folder holding tokenizer.json")
+        key = HF_PREFIX + str(path.resolve())
+    elif key is None:
         path = Path(text).expanduser()
         if not text or not path.exists():
             raise UserError(f"tokenizer={spec!r} is neither 'gpt2', 'bytes' nor an existing folder; pass "
@@ -446,6 +565,8 @@ def get_tokenizer(spec: str = "gpt2") -> Tokenizer:
                 _CACHE[key] = _gpt2()
             elif key == "bytes":
                 _CACHE[key] = ByteTokenizer()
+            elif key.startswith(HF_PREFIX):
+                _CACHE[key] = HFTokenizer(key[len(HF_PREFIX):])
             else:
                 _CACHE[key] = _load_bpe_folder(text, Path(text).expanduser())
         return _CACHE[key]

@@ -66,6 +66,30 @@ def _check_stage(ckpt, path, name):
                         f"pass --pretrained_checkpoint={path} instead")
 
 
+# Hugging Face weights were pretrained with AdamW at small rates; Muon's from-scratch rates (matrix_lr 0.004-0.02
+# on orthogonalised updates) wreck them within a few steps. The 8 GB guide finetunes SmolLM2-135M at 4e-5.
+PRETRAINED_OPTIMIZER, PRETRAINED_MAX_LR = "adamw", 4e-5
+
+
+def _pretrained_defaults(g: dict, c: dict, user_set: set):
+    """A stage that trains imported weights (pretrained_checkpoint=hf:<folder>, or a checkpoint of a run that
+    started there) defaults to AdamW at the guide's learning rate; what the user set stays, with a warning for
+    Muon. A resume of such a run sees the same lineage, so it gets the same defaults."""
+    changed = []
+    # only a stage whose own recipe is Muon's changes: Dolly's default (AdamW at 3e-5) is already a finetuning one
+    if c.get("optimizer") != PRETRAINED_OPTIMIZER and "optimizer" not in user_set:
+        for key, value in (("optimizer", PRETRAINED_OPTIMIZER), ("max_lr", PRETRAINED_MAX_LR)):
+            if key not in user_set:
+                changed.append(f"{key}={value} (the stage's default is {c[key]!r})")
+                g[key] = c[key] = value
+    if changed:
+        print0(f"starting from Hugging Face weights: {', '.join(changed)}, as the 8 GB guide finetunes SmolLM2; "
+               f"pass --optimizer / --max_lr to choose otherwise")
+    if c.get("optimizer") == "muon":
+        print0("warning: optimizer=muon on pretrained Hugging Face weights: Muon's rates suit training from scratch "
+               "and can wreck pretrained weights within a few steps; --optimizer=adamw --max_lr=4e-5 is the safe choice")
+
+
 def _check_ranges(c):
     """Values the parser accepts by type but the loop cannot use; all reported at once, before anything starts."""
     rules = [("max_lr", lambda v: v > 0, "> 0"), ("matrix_lr", lambda v: v > 0, "> 0"),
@@ -117,7 +141,8 @@ class Trainer:
         if self.resume_path is not None:
             default_run = self.resume_path.parent.name
         else:
-            default_run = self.init_path.parent.name if self.init_path and init_stage else f"d{c.get('depth', 0)}"
+            default_run = ((self.init_path.name if self.init_path.is_dir() else self.init_path.parent.name)
+                           if self.init_path and init_stage else f"d{c.get('depth', 0)}")  # a folder: hf:<folder>
         self.run_name = c.get("run_name") or default_run
         if c.get("out_dir"):
             self.ckpt_dir = Path(c["out_dir"])
@@ -158,6 +183,10 @@ class Trainer:
             self.tok = checkpoint_tokenizer(source.get("tokenizer"), where)
         else:
             self.tok = get_tokenizer(c.get("tokenizer", "") or "gpt2")
+        # weights that came from Hugging Face (this stage starts there, or an earlier one did: its tokenizer is
+        # the folder's) keep AdamW at a finetuning rate unless the user says otherwise
+        if str(spec).startswith("hf:") or str((source or {}).get("tokenizer", {}).get("name", "")).startswith("hf:"):
+            _pretrained_defaults(g, c, self.user_set)
 
     # ---- setup ----
     def setup(self):

@@ -198,3 +198,12 @@ def wait_for_checkpoint(proc, run_dir, min_step, timeout=120):
         assert proc.poll() is None, f"run ended before a checkpoint at {min_step}:\n{proc.stdout.read()}"
         time.sleep(0.005)
     raise AssertionError("no checkpoint appeared")
+
+
+@pytest.fixture(scope="module")
+def hf_offline():
+    """No Hugging Face hub: huggingface_hub reads these when transformers is first imported (inside the tests)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        yield

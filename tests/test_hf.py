@@ -17,6 +17,8 @@ from engine import generate
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer, save_bpe
 
+pytestmark = pytest.mark.usefixtures("hf_offline")  # no hub: the tests read local folders only
+
 TEXT = ("The quick brown fox jumps over the lazy dog. It's 2024; prices rose 3.5% (¥120 → ¥124).\n\n"
         "  Indented line\twith a tab, naïve café, Ünïcödé.\n"
         "床前明月光，疑是地上霜。举头望明月，低头思故乡。今天我们学习分词：大型语言模型。\n"
@@ -31,15 +33,6 @@ CONVERSATIONS = [
     [{"role": "user", "content": "a"}, {"role": "assistant", "content": " b "}, {"role": "user", "content": ""},
      {"role": "assistant", "content": "再见 👋"}, {"role": "user", "content": "  last  "}],
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline():
-    """No hub: huggingface_hub reads these when first imported, which happens inside this module's tests."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        yield
 
 
 @pytest.fixture(autouse=True)
