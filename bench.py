@@ -393,19 +393,24 @@ def work_quality(spec):
         sched = make_schedule(recipe, {"max_steps"}, default_lrs=(tb.max_lr, tb.matrix_lr))
         opt = model.configure_optimizers(optimizer=recipe["optimizer"], max_lr=sched.peak_lr,
                                          matrix_lr=sched.matrix_lr or tb.matrix_lr, weight_decay=tb.weight_decay)
-        peak_lr, clip = sched.peak_lr, recipe["grad_clip"] if recipe["grad_clip"] > 0 else float("inf")
-        lr_at = sched.lr
+        clip = recipe["grad_clip"] if recipe["grad_clip"] > 0 else float("inf")
+        from trainer import set_hyperparameters
+
+        def apply(step):  # lr, weight decay and Muon's momentum at `step`, as Trainer.fit sets them
+            set_hyperparameters(opt, sched, step)
         recipe = f"{recipe['optimizer']}, {sched.describe()}, wd {tb.weight_decay:g}, clip {recipe['grad_clip']:g}"
     else:
         opt = make_optimizer(model, kind, "adamw", dev)
-        peak_lr, warmup, clip = nb.MAX_LR, int(round(nb.WARMUP_FRACTION * steps)), nb.GRAD_CLIP
+        warmup, clip = int(round(nb.WARMUP_FRACTION * steps)), nb.GRAD_CLIP
 
-        def lr_at(step):
-            return nb.get_lr(step, warmup_iters=warmup, lr_decay_iters=steps)
+        def apply(step):
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * nb.get_lr(step, warmup_iters=warmup, lr_decay_iters=steps) / nb.MAX_LR
         recipe = (f"adamw, max_lr {nb.MAX_LR:g}, cosine to {nb.MIN_LR:g}, warmup {warmup}, wd {nb.WEIGHT_DECAY:g}, "
                   f"clip {nb.GRAD_CLIP:g}")
     for group in opt.param_groups:
         group.setdefault("base_lr", group["lr"])
+        group.setdefault("base_weight_decay", group.get("weight_decay", 0.0))
 
     def evaluate():
         model.eval()
@@ -423,9 +428,7 @@ def work_quality(spec):
                 print(f"{kind} step {step} val {val_losses[-1][1]:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
             if step == steps:
                 break
-            lr = lr_at(step)
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * lr / peak_lr
+            apply(step)
             x, y = train_loader.next_batch()
             loss, _ = train_step(torch, model, loss_fn, opt, x, y, ctx, scaler, sync, clip=clip)
             train_losses.append(loss.item())

@@ -6,9 +6,17 @@ like the script's own keys. A stage script holds only what differs per stage: ch
 declaring the key again at the top of its script, for every stage here.
 """
 # schedule and optimizer
-lr_scheduler = "cosine"       # cosine | linear | constant | cosine_with_restarts
+lr_scheduler = "cosine"       # cosine | linear | constant | cosine_with_restarts | wsd (warmup, stable, warmdown)
 lr_restarts = 1               # cycles of cosine_with_restarts
+warmdown_ratio = 0.65         # wsd: the last fraction of the steps, where the rate falls linearly to the final one
+final_lr_frac = -1.0          # final learning rate as a fraction of the peak (nanochat's name); -1 = use min_lr
 decay_lr = True               # False = constant after warmup
+muon_momentum = 0.95          # Muon's momentum (after its warm-up)
+muon_momentum_start = -1.0    # momentum at step 0, rising linearly to muon_momentum; -1 = no warm-up
+muon_momentum_warmup_steps = 0  # steps of that rise
+muon_momentum_warmdown = -1.0  # wsd: momentum at the end of the warmdown (linear); -1 = unchanged
+weight_decay_schedule = "constant"  # weight_decay over the run: constant | linear | cosine (both end at 0)
+cautious_weight_decay = False  # Muon: decay a weight only where the update also shrinks it
 lr_scaling = "none"           # none | linear | sqrt: scale max_lr with the global batch (the multi-GPU guide)
 grad_clip = 1.0               # clip the global gradient norm; 0 = off
 max_nonfinite = 10            # stop after this many non-finite losses in a row

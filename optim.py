@@ -38,7 +38,7 @@ class MuonAdamW(torch.optim.Optimizer):
     def __init__(self, param_groups, ns_dtype=torch.float32):
         # every key any group may use, so load_state_dict and the trainer find them on all groups
         defaults = dict(lr=0.0, base_lr=0.0, kind="adamw", weight_decay=0.0, betas=(0.9, 0.95),
-                        eps=1e-8, momentum=0.95, nesterov=True, ns_steps=5)
+                        eps=1e-8, momentum=0.95, nesterov=True, ns_steps=5, cautious=False)
         super().__init__(param_groups, defaults)
         self.ns_dtype = ns_dtype
 
@@ -68,7 +68,11 @@ class MuonAdamW(torch.optim.Optimizer):
             # Nesterov: look ahead along the momentum, as in Keller Jordan's and nanochat's Muon
             g = p.grad.lerp(buf, mom) if group["nesterov"] else buf
             u = zeropower_via_newtonschulz5(g, group["ns_steps"], self.ns_dtype)
-            if wd:  # decoupled, scaled by lr like AdamW's, so the schedule also anneals it
+            if wd and group["cautious"]:
+                # cautious weight decay: only where the update itself shrinks the weight (the same sign as it),
+                # so decay never fights the gradient (nanochat's Muon)
+                p.sub_(p * (u.to(p.dtype) * p > 0), alpha=lr * wd)
+            elif wd:  # decoupled, scaled by lr like AdamW's, so the schedule also anneals it
                 p.mul_(1 - lr * wd)
             # NS gives unit spectral norm; tall matrices get sqrt(rows/cols) so their per-entry
             # update size matches square ones (Keller Jordan's scaling)

@@ -3,10 +3,13 @@
     sched = make_schedule(config, user_set, steps_per_epoch=..., default_steps=..., global_batch=...,
                           reference_batch=...)
     sched.steps, sched.warmup, sched.peak_lr, sched.matrix_lr, sched.lr(step)
+    sched.momentum(step), sched.wd_factor(step)     # Muon's momentum and the weight decay's scale at `step`
 
 get_lr() is the pure function behind Schedule.lr (linear warmup that never starts at 0, then cosine, linear,
-constant or cosine with restarts down to min_lr); resolve_schedule() settles the '-1 = unset' pairs
-(max_steps | num_epochs, warmup_steps | warmup_ratio) and scale_lr() the multi-GPU guide's lr_scaling.
+constant, cosine with restarts, or wsd: constant, then a linear warmdown over the last warmdown_ratio of the steps,
+down to the final rate); resolve_schedule() settles the '-1 = unset' pairs (max_steps | num_epochs,
+warmup_steps | warmup_ratio) and scale_lr() the multi-GPU guide's lr_scaling. Everything is a function of the step
+number alone, so a resumed run gets exactly the values an uninterrupted one had.
 Every stage uses these through Trainer.schedule(); bench.py uses them for train_base.py's recipe.
 """
 import math
@@ -15,12 +18,15 @@ from dataclasses import dataclass
 from common import pick_pair
 from configurator import UserError
 
-LR_SCHEDULERS = ("cosine", "linear", "constant", "cosine_with_restarts")
+LR_SCHEDULERS = ("cosine", "linear", "constant", "cosine_with_restarts", "wsd")
+WD_SCHEDULES = ("constant", "linear", "cosine")
 
 
-def get_lr(step, *, max_lr, min_lr, warmup_steps, max_steps, scheduler="cosine", decay_lr=True, restarts=1):
+def get_lr(step, *, max_lr, min_lr, warmup_steps, max_steps, scheduler="cosine", decay_lr=True, restarts=1,
+           warmdown_steps=0):
     """The learning rate at `step` (0-based), a pure function shared by every stage.
-    Warmup is (step+1)/(warmup+1) so step 0 never runs at lr 0 (nanoGPT PR #578)."""
+    Warmup is (step+1)/(warmup+1) so step 0 never runs at lr 0 (nanoGPT PR #578). wsd holds max_lr until the last
+    warmdown_steps, then falls linearly, reaching min_lr after the last step (nanochat's base_train shape)."""
     if scheduler not in LR_SCHEDULERS:
         raise UserError(f"lr_scheduler={scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
     if step < warmup_steps:
@@ -29,6 +35,9 @@ def get_lr(step, *, max_lr, min_lr, warmup_steps, max_steps, scheduler="cosine",
         return max_lr
     if step >= max_steps:
         return min_lr
+    if scheduler == "wsd":
+        left = max_steps - step  # steps still to run, this one included
+        return max_lr if left > warmdown_steps else min_lr + (max_lr - min_lr) * left / max(1, warmdown_steps)
     p = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # decay progress in [0, 1)
     if scheduler == "linear":
         return max_lr - p * (max_lr - min_lr)
@@ -83,15 +92,48 @@ class Schedule:
     kind: str = "cosine"        # lr_scheduler
     decay: bool = True          # decay_lr
     restarts: int = 1           # lr_restarts (cosine_with_restarts)
+    warmdown: int = 0           # wsd: the last steps, decaying linearly (warmdown_ratio * steps)
+    muon_momentum: float = 0.95     # Muon's momentum after its warm-up
+    momentum_start: float = 0.95    # ... at step 0, rising linearly over momentum_warmup steps
+    momentum_warmup: int = 0
+    momentum_warmdown: float = -1.0  # wsd's warmdown takes it linearly to this value; -1 = it stays
+    wd_schedule: str = "constant"   # the weight decay's scale over the run: constant, linear or cosine to 0
+    cautious_wd: bool = False       # Muon: decay only where the update shrinks the weight too
 
     def lr(self, step) -> float:
         return get_lr(step, max_lr=self.peak_lr, min_lr=self.final_lr, warmup_steps=self.warmup,
-                      max_steps=self.steps, scheduler=self.kind, decay_lr=self.decay, restarts=self.restarts)
+                      max_steps=self.steps, scheduler=self.kind, decay_lr=self.decay, restarts=self.restarts,
+                      warmdown_steps=self.warmdown)
+
+    def momentum(self, step) -> float:
+        """Muon's momentum at `step`: warm-up from momentum_start, then muon_momentum, then (wsd, when asked) a
+        linear dip to momentum_warmdown across the warmdown, as nanochat's base_train does."""
+        m = self.muon_momentum
+        if step < self.momentum_warmup:
+            m = self.momentum_start + (self.muon_momentum - self.momentum_start) * step / self.momentum_warmup
+        start = self.steps - self.warmdown
+        if self.momentum_warmdown >= 0 and self.kind == "wsd" and self.warmdown and step >= start:
+            m += (self.momentum_warmdown - m) * min(1.0, (step - start) / self.warmdown)
+        return m
+
+    def wd_factor(self, step) -> float:
+        """The weight decay at `step` as a fraction of weight_decay: 1 throughout, or down to 0 at the end."""
+        p = min(1.0, step / max(1, self.steps))
+        return {"constant": 1.0, "linear": 1.0 - p, "cosine": 0.5 * (1.0 + math.cos(math.pi * p))}[self.wd_schedule]
 
     def describe(self, muon=True) -> str:
-        """One line for the log; muon=False leaves out matrix_lr (the stage built an optimizer without Muon)."""
-        return (f"{self.steps} steps, warmup {self.warmup}, lr {self.peak_lr:g} -> {self.final_lr:g} ({self.kind})"
-                + (f", Muon matrix_lr {self.matrix_lr:g}" if self.matrix_lr and muon else ""))
+        """One line for the log; muon=False leaves out Muon's settings (the stage built an optimizer without it)."""
+        shape = f"{self.kind}, warmdown {self.warmdown}" if self.kind == "wsd" else self.kind
+        line = f"{self.steps} steps, warmup {self.warmup}, lr {self.peak_lr:g} -> {self.final_lr:g} ({shape})"
+        if self.matrix_lr and muon:
+            line += f", Muon matrix_lr {self.matrix_lr:g}, momentum "
+            line += (f"{self.momentum_start:g} -> {self.muon_momentum:g} over {self.momentum_warmup} steps"
+                     if self.momentum_warmup else f"{self.muon_momentum:g}")
+            if self.momentum_warmdown >= 0 and self.kind == "wsd":
+                line += f" -> {self.momentum_warmdown:g} in the warmdown"
+            if self.cautious_wd:
+                line += ", cautious weight decay"
+        return line + (f", weight decay {self.wd_schedule} to 0" if self.wd_schedule != "constant" else "")
 
 
 def make_schedule(c: dict, user_set, *, steps_per_epoch=None, default_steps=None, global_batch=1,
@@ -112,6 +154,31 @@ def make_schedule(c: dict, user_set, *, steps_per_epoch=None, default_steps=None
     matrix = c.get("matrix_lr", default_matrix or 0.0) if c.get("optimizer") == "muon" else 0.0
     if "max_lr" in user_set and "matrix_lr" not in user_set and default_max:
         matrix *= c["max_lr"] / default_max
-    return Schedule(steps=steps, warmup=warmup, peak_lr=peak, final_lr=c["min_lr"] if c["min_lr"] >= 0 else peak / 10,
+    # the final rate: final_lr_frac of the peak (nanochat's name), else min_lr (-1 = a tenth of the peak)
+    frac = c.get("final_lr_frac", -1)
+    if pick_pair("min_lr", c["min_lr"], "final_lr_frac", frac, user_set) == "b":
+        if not 0 <= frac <= 1:
+            raise UserError(f"final_lr_frac={frac} must be in [0, 1]")
+        final = frac * peak
+    else:
+        final = c["min_lr"] if c["min_lr"] >= 0 else peak / 10
+    ratio = c.get("warmdown_ratio", 0.0)
+    if not 0 <= ratio <= 1:
+        raise UserError(f"warmdown_ratio={ratio} must be in [0, 1] (the fraction of the steps that decay)")
+    warmdown = min(int(round(ratio * steps)), steps - warmup) if c["lr_scheduler"] == "wsd" else 0
+    momentum = c.get("muon_momentum", 0.95)
+    start = c.get("muon_momentum_start", -1)
+    for name, value in (("muon_momentum", momentum), ("muon_momentum_start", start),
+                        ("muon_momentum_warmdown", c.get("muon_momentum_warmdown", -1))):
+        if value != -1 and not 0 <= value < 1 or name == "muon_momentum" and value == -1:
+            raise UserError(f"{name}={value} must be in [0, 1)" + ("" if name == "muon_momentum" else "; -1 = off"))
+    if c.get("weight_decay_schedule", "constant") not in WD_SCHEDULES:
+        raise UserError(f"weight_decay_schedule={c['weight_decay_schedule']!r} is not one of {', '.join(WD_SCHEDULES)}")
+    return Schedule(steps=steps, warmup=warmup, peak_lr=peak, final_lr=final,
                     matrix_lr=matrix * peak / c["max_lr"], kind=c["lr_scheduler"], decay=c["decay_lr"],
-                    restarts=c["lr_restarts"])
+                    restarts=c["lr_restarts"], warmdown=warmdown, muon_momentum=momentum,
+                    momentum_start=momentum if start == -1 else start,
+                    momentum_warmup=max(0, c.get("muon_momentum_warmup_steps", 0)),
+                    momentum_warmdown=c.get("muon_momentum_warmdown", -1),
+                    wd_schedule=c.get("weight_decay_schedule", "constant"),
+                    cautious_wd=bool(c.get("cautious_weight_decay", False)))

@@ -37,8 +37,25 @@ ARCH_KEYS = ("depth", "n_embd", "n_head", "n_kv_head", "tie_embeddings")
 
 
 # optimizer group keys -> the settings a user changes to move them
-_HYPER_NAMES = {"base_lr": "learning rates (max_lr / matrix_lr / lr_scaling)", "weight_decay": "weight_decay",
+_HYPER_NAMES = {"base_lr": "learning rates (max_lr / matrix_lr / lr_scaling)", "base_weight_decay": "weight_decay",
                 "betas": "AdamW betas", "momentum": "momentum"}
+# what set_hyperparameters() writes into the groups at every step, and the settings behind it
+SCHEDULED = ("lr", "weight_decay", "momentum", "cautious")
+SCHEDULE_KEYS = ("lr_scheduler", "warmdown_ratio", "final_lr_frac", "muon_momentum", "muon_momentum_start",
+                 "muon_momentum_warmup_steps", "muon_momentum_warmdown", "weight_decay_schedule",
+                 "cautious_weight_decay")
+
+
+def set_hyperparameters(optimizer, schedule, step):
+    """The values in force at `step`, from the step number alone (so a resume continues them exactly): every group's
+    lr in proportion to its peak (base_lr), its weight decay scaled by the schedule, and Muon's momentum."""
+    lr, wd = schedule.lr(step), schedule.wd_factor(step)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr / schedule.peak_lr
+        if "weight_decay" in group:
+            group["weight_decay"] = group["base_weight_decay"] * wd
+        if group.get("kind") == "muon":
+            group["momentum"], group["cautious"] = schedule.momentum(step), schedule.cautious_wd
 
 
 def with_shared_defaults(g: dict) -> dict:
@@ -273,6 +290,7 @@ class Trainer:
         loss_fn = loss_fn or cross_entropy_sum
         for group in optimizer.param_groups:  # the schedule scales every group from its own peak
             group.setdefault("base_lr", group["lr"])
+            group.setdefault("base_weight_decay", group.get("weight_decay", 0.0))
         start, tokens = self.restore(optimizer, train_loader, accum)
         if start >= schedule.steps and start > 0:
             print0(f"the checkpoint is at step {start} and max_steps={schedule.steps}: nothing left to train")
@@ -309,9 +327,7 @@ class Trainer:
                 break
 
             t0 = time.time()
-            lr = schedule.lr(step)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr / schedule.peak_lr
+            set_hyperparameters(optimizer, schedule, step)
             lossf, n_tokens = self.forward_backward(model, train_loader, accum, loss_fn)
             grad_norm, skipped = self.optimizer_step(raw_model, optimizer, lossf, step)
             log_now = step % c["log_every"] == 0 or step == schedule.steps - 1
@@ -348,15 +364,17 @@ class Trainer:
                             f"--optimizer={saved} (and the optimizer the script built then), or start a new run from "
                             f"it with --pretrained_checkpoint={self.resume_path}") from None
         changed = set()
+        was = ck.get("config") or {}
         for group, hyper in zip(optimizer.param_groups, fresh):
-            # keys the saved group lacks (another torch version's defaults) are not changes the user made
-            changed |= {k for k, v in hyper.items() if k != "lr" and k in group and group[k] != v}
+            # keys the saved group lacks (another torch version's defaults) are not changes the user made, nor
+            # the ones the schedule sets at every step (set_hyperparameters)
+            changed |= {k for k, v in hyper.items() if k not in SCHEDULED and k in group and group[k] != v}
             group.update(hyper)
+        changed |= {k for k in SCHEDULE_KEYS if k in was and k in c and was[k] != c[k]}
         if changed:
             names = sorted({_HYPER_NAMES.get(k, k) for k in changed})
-            was = ck.get("config") or {}
             diffs = [f"{k} {was[k]} -> {c[k]}" for k in ("max_lr", "matrix_lr", "lr_scaling", "weight_decay",
-                                                          "muon_momentum") if k in was and k in c and was[k] != c[k]]
+                                                          *SCHEDULE_KEYS) if k in was and k in c and was[k] != c[k]]
             print0(f"resume: {', '.join(names)} differ from the checkpoint's"
                    f"{' (' + ', '.join(diffs) + ')' if diffs else ''}; this run's values apply from step "
                    f"{ck['step']} on (pass the original run's flags again to keep its values)")

@@ -69,9 +69,10 @@ def test_muon_never_orthogonalises_in_bf16_without_bf16_hardware():
 
 # ---- LR schedule ----
 
-@pytest.mark.parametrize("kind", ["cosine", "linear", "constant", "cosine_with_restarts"])
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant", "cosine_with_restarts", "wsd"])
 def test_lr_never_zero_at_step_zero_and_warms_up(kind):
-    kw = dict(max_lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100, scheduler=kind, restarts=2)
+    kw = dict(max_lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100, scheduler=kind, restarts=2,
+              warmdown_steps=50)
     lrs = [get_lr(s, **kw) for s in range(101)]
     assert lrs[0] > 0
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # strictly rising warmup
@@ -96,6 +97,50 @@ def test_lr_shapes():
     assert get_lr(60, **kw, scheduler="cosine", decay_lr=False) == 1.0
     with pytest.raises(UserError, match="cosine"):
         get_lr(0, **kw, scheduler="step")
+
+
+def test_wsd_momentum_and_weight_decay_schedules():
+    """wsd: warmup, flat, then linear to the final rate at the end (nanochat's shape); Muon's momentum warms up and
+    dips in the warmdown; the weight decay's scale follows its schedule; final_lr_frac is a fraction of the peak."""
+    from schedule import make_schedule
+    c = dict(max_steps=100, warmup_steps=10, warmup_ratio=-1, max_lr=1.0, min_lr=-1, lr_scaling="none",
+             lr_scheduler="wsd", decay_lr=True, lr_restarts=1, optimizer="muon", matrix_lr=0.02, warmdown_ratio=0.4,
+             final_lr_frac=0.05, muon_momentum=0.95, muon_momentum_start=0.85, muon_momentum_warmup_steps=20,
+             muon_momentum_warmdown=0.9, weight_decay_schedule="cosine", cautious_weight_decay=True)
+    sched = make_schedule(c, {"final_lr_frac"})
+    lrs = [sched.lr(s) for s in range(101)]
+    assert sched.warmdown == 40 and sched.final_lr == pytest.approx(0.05)
+    assert lrs[10:61] == [1.0] * 51 and lrs[61] < 1.0  # flat until 40 steps are left
+    assert lrs[80] == pytest.approx(0.05 + 0.95 * 20 / 40) and lrs[100] == pytest.approx(0.05)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    m = [sched.momentum(s) for s in range(101)]
+    assert m[0] == pytest.approx(0.85) and m[10] == pytest.approx(0.90) and m[20:61] == [0.95] * 41
+    assert m[80] == pytest.approx(0.925) and m[100] == pytest.approx(0.9)
+    assert sched.wd_factor(0) == 1.0 and sched.wd_factor(50) == pytest.approx(0.5) and sched.wd_factor(100) == 0.0
+    assert "momentum 0.85 -> 0.95 over 20 steps -> 0.9 in the warmdown" in sched.describe()
+    # min_lr still works as before; both given by the user is an error naming both
+    assert make_schedule({**c, "final_lr_frac": -1, "min_lr": 0.2}, {"min_lr"}).final_lr == 0.2
+    with pytest.raises(UserError, match="min_lr.*final_lr_frac"):
+        make_schedule({**c, "min_lr": 0.2}, {"min_lr", "final_lr_frac"})
+    with pytest.raises(UserError, match="muon_momentum_start"):
+        make_schedule({**c, "muon_momentum_start": 1.5}, set())
+
+
+def test_cautious_weight_decay_only_shrinks_weights_the_update_shrinks_too():
+    from optim import MuonAdamW
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    w.grad = torch.randn(8, 8)
+    before = w.detach().clone()
+    opt = MuonAdamW([dict(params=[w], kind="muon", lr=0.1, weight_decay=0.5, cautious=True)])
+    plain = torch.nn.Parameter(before.clone())
+    plain.grad = w.grad.clone()
+    MuonAdamW([dict(params=[plain], kind="muon", lr=0.1, weight_decay=0.0)]).step()
+    opt.step()
+    update = before - plain.detach()  # the Muon step alone (no decay): its sign is the update's
+    decayed = (before * update) > 0   # where the update shrinks the weight, decay applies too
+    expect = before - 0.1 * 0.5 * before * decayed - update
+    assert torch.allclose(w.detach(), expect, atol=1e-6) and 0 < decayed.sum() < 64
 
 
 def test_lr_scaling_follows_gpu_count_only_when_accumulation_is_per_gpu():

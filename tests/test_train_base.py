@@ -39,14 +39,27 @@ def test_smoke_loss_falls_val_bpb_and_checkpoint(tiny_corpus, tmp_path):
     assert "train 2 shard(s) (shard_00000.parquet, shard_00001.parquet); val 1 (shard_00002.parquet)" in log
 
 
+# the fp32 runs train under every step-driven schedule at once: wsd (its warmdown starts at step 30, after any
+# checkpoint the kill tests resume from, so a resume crosses it), Muon's momentum warm-up and warmdown dip, and
+# cautious weight decay on a cosine to 0; the fp16 runs keep the stage's defaults
+SCHEDULES = {"float32": ["--lr_scheduler=wsd", "--warmdown_ratio=0.25", "--final_lr_frac=0.05",
+                         "--muon_momentum_start=0.85", "--muon_momentum_warmup_steps=20", "--muon_momentum_warmdown=0.9",
+                         "--weight_decay=0.2", "--weight_decay_schedule=cosine", "--cautious_weight_decay=True"],
+             "float16": []}
+
+
+def _resume_args(tiny_corpus, out, dt):
+    return _args(tiny_corpus, out, f"--dtype={dt}", "--total_batch_size=2048", "--checkpoint_interval=5",
+                 *SCHEDULES[dt], steps=40)
+
+
 @pytest.fixture(scope="module")
 def reference_runs(tiny_corpus, tmp_path_factory):
     """Uninterrupted 40-step runs, fp32 and fp16 (the T4 path on CPU), for the resume tests to match."""
     out = {}
     for dt in ("float32", "float16"):
         d = tmp_path_factory.mktemp(f"ref_{dt}") / "run"
-        run_script("train_base.py", *_args(tiny_corpus, d, f"--dtype={dt}", "--total_batch_size=2048",
-                                           "--checkpoint_interval=5", steps=40))
+        run_script("train_base.py", *_resume_args(tiny_corpus, d, dt))
         out[dt] = d
     return out
 
@@ -62,7 +75,7 @@ def test_metrics_count_tokens_since_the_start(reference_runs):
 @pytest.mark.parametrize("dt", ["float32", "float16"])
 def test_sigkill_then_auto_resume_is_bitwise_identical(dt, tiny_corpus, tmp_path, reference_runs):
     out = tmp_path / "run"
-    args = _args(tiny_corpus, out, f"--dtype={dt}", "--total_batch_size=2048", "--checkpoint_interval=5", steps=40)
+    args = _resume_args(tiny_corpus, out, dt)
     proc = start_script("train_base.py", *args)
     wait_for_checkpoint(proc, out, 10)
     proc.kill()  # SIGKILL: no handler runs, exactly like a power cut or the OOM killer
@@ -71,13 +84,17 @@ def test_sigkill_then_auto_resume_is_bitwise_identical(dt, tiny_corpus, tmp_path
     assert not (out / "ckpt_000040.pt").exists(), "the run finished before the kill; the test proves nothing"
     p = run_script("train_base.py", *args, "--auto_resume=True")
     assert "(resume, step " in p.stdout
+    assert "resume:" not in p.stdout  # the scheduled momentum and decay are not taken for changed settings
+    if dt == "float32":
+        resumed = int(p.stdout.split("(resume, step ")[1].split(")")[0].split()[0].rstrip(","))
+        assert resumed < 30, "the resume must cross the start of the warmdown"
     assert_same_run(reference_runs[dt], out, 40)
 
 
 @pytest.mark.slow
 def test_sigterm_saves_at_step_boundary_and_resumes_exactly(tiny_corpus, tmp_path, reference_runs):
     out = tmp_path / "run"
-    args = _args(tiny_corpus, out, "--dtype=float32", "--total_batch_size=2048", "--checkpoint_interval=5", steps=40)
+    args = _resume_args(tiny_corpus, out, "float32")
     proc = start_script("train_base.py", *args)
     wait_for_checkpoint(proc, out, 5)
     proc.send_signal(signal.SIGTERM)
