@@ -1,6 +1,7 @@
 """bench.py: t4chat's training speed and memory next to a nanoGPT baseline, measured in one run.
 CPU, < 15 min:    python bench.py                # every figure but sample efficiency; a table, then one JSON line
 Quality, ~30 min: python bench.py --quality      # sample efficiency at equal tokens; writes bench/quality.png
+Sweep:            python bench.py --quality --baseline=False --recipe=lr_scheduler=wsd,warmup_steps=40 --recipe=...
 Profile:          python bench.py --profile      # torch.profiler top ops of a training step of each model
 Tests:            python bench.py --smoke        # tiny sizes, in one process, a few seconds
 Options: --threads=2 --rounds=3 --depth=4 --n_embd=256 --max_seq_len=256 --device_batch_size=8 --device=cpu
@@ -389,16 +390,20 @@ def work_quality(spec):
         from trainer import with_shared_defaults
         recipe = with_shared_defaults(dict(vars(tb)))
         recipe.update(max_steps=steps, optimizer="muon" if spec["optimizer"] == "default" else spec["optimizer"])
+        # --recipe=key=value,...: a sweep point, typed and checked as train_base.py's own flags are
+        from configurator import apply_overrides
+        named = {"max_steps"}
+        recipe = apply_overrides(recipe, [f"--{kv}" for kv in spec.get("recipe", [])], named=named)
         from schedule import make_schedule
-        sched = make_schedule(recipe, {"max_steps"}, default_lrs=(tb.max_lr, tb.matrix_lr))
+        sched = make_schedule(recipe, named, default_lrs=(tb.max_lr, tb.matrix_lr))
         opt = model.configure_optimizers(optimizer=recipe["optimizer"], max_lr=sched.peak_lr,
-                                         matrix_lr=sched.matrix_lr or tb.matrix_lr, weight_decay=tb.weight_decay)
+                                         matrix_lr=sched.matrix_lr or tb.matrix_lr, weight_decay=recipe["weight_decay"])
         clip = recipe["grad_clip"] if recipe["grad_clip"] > 0 else float("inf")
         from trainer import set_hyperparameters
 
         def apply(step):  # lr, weight decay and Muon's momentum at `step`, as Trainer.fit sets them
             set_hyperparameters(opt, sched, step)
-        recipe = f"{recipe['optimizer']}, {sched.describe()}, wd {tb.weight_decay:g}, clip {recipe['grad_clip']:g}"
+        recipe = f"{recipe['optimizer']}, {sched.describe()}, wd {recipe['weight_decay']:g}, clip {recipe['grad_clip']:g}"
     else:
         opt = make_optimizer(model, kind, "adamw", dev)
         warmup, clip = int(round(nb.WARMUP_FRACTION * steps)), nb.GRAD_CLIP
@@ -638,19 +643,39 @@ def run_quality(args):
     if args.smoke:
         base.update(steps=3, eval_every=2, eval_batches=1)
     t0 = time.perf_counter()
-    candidates = (("t4chat", "default"), ("nanogpt", "adamw"))
+    # each --recipe is one more t4chat run (a sweep point); the baseline runs unless --baseline=False
+    points = [[kv.strip() for kv in r.split(",") if kv.strip()] for r in args.recipe] or [[]]
+    import train_base as tb
+    from configurator import UserError, apply_overrides
+    from trainer import with_shared_defaults
+    for r in points:  # a typo fails here, in one line, not in every worker
+        try:
+            apply_overrides(with_shared_defaults(dict(vars(tb))), [f"--{kv}" for kv in r])
+        except UserError as e:
+            raise SystemExit(f"--recipe={','.join(r)}: {e}") from None
+    candidates = {f"t4chat{' ' + ','.join(r) if r else ''}": dict(model="t4chat", optimizer="default", recipe=r)
+                  for r in points}
+    if args.baseline:
+        candidates["nanogpt"] = dict(model="nanogpt", optimizer="adamw")
     if args.smoke:
-        runs = {kind: run_worker(dict(base, model=kind, optimizer=opt), True) for kind, opt in candidates}
+        runs = {name: run_worker(dict(base, **c), True) for name, c in candidates.items()}
     else:
-        # losses do not depend on timing, so the two models train side by side, each on its share of the
-        # threads: one-thread processes waste nothing on waits, and the wall time is that of the slower model
+        # losses do not depend on timing, so the runs train side by side, each on its share of the threads:
+        # one-thread processes waste nothing on waits, and the wall time is that of the slowest run
         base["threads"] = max(1, args.threads // len(candidates))
-        log(f"quality: {' and '.join(k for k, _ in candidates)} side by side, {base['steps']} steps each, "
+        log(f"quality: {' and '.join(candidates)} side by side, {base['steps']} steps each, "
             f"{base['threads']} thread(s) each")
         with concurrent.futures.ThreadPoolExecutor(len(candidates)) as pool:
-            futures = {kind: pool.submit(run_worker, dict(base, model=kind, optimizer=opt)) for kind, opt in candidates}
-            runs = {kind: f.result() for kind, f in futures.items()}
+            futures = {name: pool.submit(run_worker, dict(base, **c)) for name, c in candidates.items()}
+            runs = {name: f.result() for name, f in futures.items()}
         log(f"[{time.perf_counter() - t0:5.0f}s] quality runs done")
+    ours = [name for name in runs if name != "nanogpt"]
+    if len(ours) > 1 or not args.baseline:  # a sweep: every point's final loss, no baseline comparison
+        for name in ours:
+            print(f"{runs[name]['final_val_loss']:.4f}  {name}  ({runs[name]['recipe']})")
+        return dict(sweep={name: runs[name] for name in ours}, machine=machine_info(args), threads=args.threads,
+                    wall_s=time.perf_counter() - t0)
+    runs["t4chat"] = runs.pop(ours[0])
     gap = runs["nanogpt"]["final_val_loss"] - runs["t4chat"]["final_val_loss"]
     res = dict(quality=dict(t4chat=runs["t4chat"], nanogpt=runs["nanogpt"], gap_nats=gap,
                             target_nats=TARGETS["quality_gap_nats"], met=gap >= TARGETS["quality_gap_nats"]),
@@ -731,6 +756,10 @@ def parse_args(argv):
     p.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
     p.add_argument("--compile_steps", type=int, default=4)
     p.add_argument("--quality_steps", type=int, default=400)
+    p.add_argument("--recipe", action="append", default=[],
+                   help="--quality: train_base.py settings for t4chat, key=value,key=value (repeat: runs side by side)")
+    p.add_argument("--baseline", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
+                   help="--quality: also train the nanoGPT baseline (False for a sweep)")
     p.add_argument("--eval_every", type=int, default=50)
     p.add_argument("--eval_batches", type=int, default=32)
     p.add_argument("--plot", type=Path, default=REPO / "bench" / "quality.png")
