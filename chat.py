@@ -14,7 +14,7 @@ import common
 from checkpoint import load_model
 from common import UserError
 from configurator import apply_overrides
-from engine import StreamDecoder, check_sampling, consume, generate_stream
+from engine import StreamDecoder, build_prompt, check_sampling, consume, generate_stream, pack_linears
 
 # ---- config (module globals; override with --key=value; -h lists them) ---------------------------------------
 checkpoint = ""               # a ckpt_*.pt, a run folder, or a stage name (base|mid|sft|dolly); "" = newest sft
@@ -67,26 +67,6 @@ def use_chat_template(stage, mode: str) -> bool:
 
 # -----------------------------------------------------------------------------
 # prompts and the conversation
-
-
-def build_prompt(tok, history, user_text, *, system_prompt="", max_seq_len, reserve):
-    """(prompt ids, number of leading history messages left out) for the next answer.
-
-    history holds the earlier turns, [user, assistant, user, assistant, ...]. The tokenizer's chat format (the one
-    rendering code path, the same SFT trains on) drops the oldest exchanges until the prompt leaves
-    `reserve` positions for the answer; the system prompt and the new message always stay. When the new
-    message alone leaves less than `reserve`, it gets whatever room there is; when it does not fit at all,
-    that is a UserError naming the sizes.
-    """
-    fmt = tok.chat_format
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    new = [{"role": "user", "content": user_text}]
-    try:
-        ids = fmt.render_prompt(system + list(history) + new, max_seq_len=max_seq_len - reserve)
-    except UserError:
-        ids = fmt.render_prompt(system + new, max_seq_len=max_seq_len)
-    kept = fmt.user_turns(ids) - 1  # the exchanges that were kept (the new message is a user turn too)
-    return ids, len(history) - 2 * kept
 
 
 class ChatSession:
@@ -285,6 +265,7 @@ def main(argv=None):
     ptdtype, dtype_reason = common.pick_dtype(dev, dtype)
     autocast, _ = common.make_autocast_and_scaler(dev, ptdtype)
     model, tok, path, stage = load_for_chat(checkpoint, dev)
+    pack_linears(model, ptdtype)  # the CPU matmuls serve.py uses too, so both give the same greedy answers
     chat = use_chat_template(stage, mode)
     generator = torch.Generator(device=dev)
     if seed >= 0:

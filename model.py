@@ -102,7 +102,8 @@ def apply_rotary(x, cos, sin):
     HF computes x * cat(cos, cos) + rotate_half(x) * cat(sin, sin); we do the same math on the
     two halves, which saves the duplicated tables and one full-size temporary.
     """
-    cos, sin = cos.to(x.dtype)[:, None, :], sin.to(x.dtype)[:, None, :]  # (T, 1, D/2): broadcast over heads
+    # (T, D/2) -> (T, 1, D/2), or per-row tables (B, T, D/2) -> (B, T, 1, D/2): broadcast over heads
+    cos, sin = cos.to(x.dtype).unsqueeze(-2), sin.to(x.dtype).unsqueeze(-2)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -152,21 +153,30 @@ class Attention(nn.Module):
         # rotate before caching: cached keys keep their own positions, so a step only rotates itself
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+        if isinstance(kv_cache, list):
+            # each row is its own sequence with its own cache and length (batched serving): every row attends to
+            # exactly its own keys, with the shapes it would have alone. One padded, masked SDPA over the batch
+            # would change the last bits of a row's softmax sums with the other rows' lengths.
+            y = torch.cat([self._attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], c) for b, c in enumerate(kv_cache)])
+        else:
+            y = self._attend(q, k, v, kv_cache)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+    def _attend(self, q, k, v, kv_cache):
+        T = q.size(2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         # SDPA repeats each kv head for its group of query heads (same grouping as HF's repeat_kv)
         gqa = self.n_kv_head != self.n_head
         T_k = k.size(2)
         if T_k == T:    # no prefix: plain causal attention
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif T == 1:    # one new token after a cached prefix sees everything
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        else:
-            # several new tokens after a prefix: is_causal would align the mask top-left (query i
-            # sees keys <= i), but query i sits at position T_k - T + i, so we build the mask
-            mask = torch.ones(T, T_k, dtype=torch.bool, device=x.device).tril(diagonal=T_k - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if T == 1:      # one new token after a cached prefix sees everything
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        # several new tokens after a prefix: is_causal would align the mask top-left (query i
+        # sees keys <= i), but query i sits at position T_k - T + i, so we build the mask
+        mask = torch.ones(T, T_k, dtype=torch.bool, device=q.device).tril(diagonal=T_k - T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class MLP(nn.Module):
@@ -256,13 +266,22 @@ class GPT(nn.Module):
         return self
 
     def _hidden(self, idx, kv_cache=None, pos_offset=0):
-        """Final-norm hidden states (B, T, C) for tokens at positions start .. start+T-1."""
+        """Final-norm hidden states (B, T, C) for tokens at positions start .. start+T-1.
+        kv_cache: one KVCache for the whole batch, or a list with one per row (a row's sequence continues from its
+        own cache.pos; None = a row that stands alone at position 0, e.g. padding)."""
         T = idx.size(1)
-        start = kv_cache.pos if kv_cache is not None else pos_offset
+        if isinstance(kv_cache, list):
+            starts = [c.pos if c is not None else 0 for c in kv_cache]
+            start = max(starts)  # the range check below is the longest row's
+            # (B, T) positions: the RoPE tables below become (B, T, D/2), each row rotated at its own positions
+            pos = torch.tensor(starts, device=idx.device)[:, None] + torch.arange(T, device=idx.device)
+        else:
+            start = kv_cache.pos if kv_cache is not None else pos_offset
+            pos = slice(start, start + T)
         if start + T > self.config.max_seq_len:
             raise ValueError(f"positions {start}..{start + T - 1} exceed max_seq_len={self.config.max_seq_len} "
                              f"(the RoPE table); use shorter inputs or a model with a larger max_seq_len")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
         x = self.embed_tokens(idx)  # float32 even under autocast (embedding is not autocast)
         # recompute each block in backward instead of storing its activations (memory for time)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -272,8 +291,9 @@ class GPT(nn.Module):
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, kv_cache)
-        if kv_cache is not None:
-            kv_cache.pos += T
+        for c in kv_cache if isinstance(kv_cache, list) else [kv_cache]:
+            if c is not None:
+                c.pos += T
         return self.norm(x)
 
     def forward(self, idx, targets=None, *, reduction="mean", loss_chunk_size=None, kv_cache=None, pos_offset=0):

@@ -15,7 +15,7 @@ BOTTOM = {"configurator", "optim", "model", "chat_format", "tokenizer"}
 MIDDLE = {"common", "defaults", "schedule", "checkpoint", "trainer", "dataloader", "conversations",
           "conversation_loader", "tasks", "evaluate", "engine", "preflight", "hf"}
 TOP = {"train_base", "train_mid", "train_sft", "finetune_dolly", "chat", "bench", "bench_baseline", "prepare_data",
-       "check_gpus", "train_tokenizer", "eval", "export_hf", "report"}
+       "check_gpus", "train_tokenizer", "eval", "export_hf", "report", "serve", "bench_serve"}
 
 
 def _imports(name):
