@@ -57,7 +57,8 @@ def sample_token(logits, *, temperature, top_k=0, top_p=1.0, generator=None):
     temperature, then top-k, then top-p. temperature 0 is greedy (top-k/top-p change nothing then)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    # from the row's maximum: a tiny temperature then sends the others to -inf, never the maximum to inf (nan)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th stay in
@@ -77,8 +78,9 @@ def check_sampling(*, max_tokens, temperature, top_k, top_p, repetition_penalty,
         raise ValueError(f"top_k={top_k} must be >= 0 (0 = off)")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = off)")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0 (1 = off; 1.1 to 1.3 against loops)")
+    if repetition_penalty < 0.01:  # below it, dividing a logit by it overflows to inf: no longer a penalty
+        raise ValueError(f"repetition_penalty={repetition_penalty} must be >= 0.01 (1 = off; 1.1 to 1.3 against "
+                         f"loops)")
     for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
         if not -2 <= value <= 2:  # OpenAI's range
             raise ValueError(f"{name}={value} must be in [-2, 2] (0 = off)")

@@ -242,7 +242,9 @@ def run_val_bpb(model, tok, config, *, n=-1, autocast=None) -> dict:
     root = data_root or config.get("data_root") or str(common.base_dir() / "base_data")
     seq = model.config.max_seq_len
     sequences = n if n > 0 else max(1, eval_tokens // seq)
-    rows = min(batch_size, sequences)
+    # a fixed global batch, shared out: the same sequences are scored on 1 or N processes (up to N - 1 more at
+    # the end, when N does not divide the count)
+    rows = max(1, math.ceil(min(batch_size, sequences) / world))
     n_batches = max(1, math.ceil(sequences / (rows * world)))
     device = next(model.parameters()).device
     loader = dataloader.PretrainLoader(root, tok, split="val", device_batch_size=rows, max_seq_len=seq,
@@ -399,7 +401,8 @@ def evaluate_checkpoint(spec, names, folder, d, autocast, default_stage=("sft", 
     print0(table(results))
     if d.is_master:
         from checkpoint import atomic_write_text
-        path = Path(meta["path"]).with_name(f"eval_{meta['step']:06d}.json")
+        where = Path(meta["path"])  # a ckpt_*.pt, or a Hugging Face folder (hf:<folder>): its results go inside it
+        path = where / "eval_000000.json" if where.is_dir() else where.with_name(f"eval_{meta['step']:06d}.json")
         atomic_write_text(path, json.dumps({"checkpoint": str(meta["path"]), "step": meta["step"], "limit": limit,
                                             "results": {t: {k: (v if k == "n" else {"value": v[0], "stderr": v[1]})
                                                             for k, v in r.items()} for t, r in results.items()}},
@@ -423,11 +426,16 @@ def main(argv=None):
         evaluate_checkpoint(checkpoint, names, folder, d, autocast)
         return
     # every complete checkpoint of the run, oldest first, and the best by the mean accuracy over the tasks
+    if checkpoint.strip().startswith("hf:"):
+        raise UserError("--all_checkpoints=True scores the checkpoints of a t4chat run; a Hugging Face folder is one "
+                        "model: leave out --all_checkpoints")
     run = resolve_checkpoint(checkpoint, default_stage=("sft", "dolly", "mid", "base"), key="checkpoint").parent
     scores = []
     for step, path in CheckpointManager(run).complete().items():
         _, results = evaluate_checkpoint(str(path), names, folder, d, autocast)
         scores.append((rank_value(results), step, results))
+    if not scores:
+        raise UserError(f"no complete checkpoint in {run}; --all_checkpoints=True needs a run folder")
     best = max(scores)[1]
     cols = list(scores[0][2])
     lines = [f"{'step':>8}" + "".join(f"{t:>15}" for t in cols) + f"{'mean acc':>10}"]

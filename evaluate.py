@@ -199,6 +199,14 @@ def check_ifeval_packages():
     if missing:
         raise UserError(f"IFEval needs {', '.join(missing)}: pip install -r requirements.txt (or leave ifeval out "
                         f"of --tasks)")
+    if rank_and_world()[0] == 0:  # the punkt tables once, before every rank's checker reads them
+        import nltk
+        try:
+            nltk.data.find("tokenizers/punkt_tab/english/")
+        except LookupError:
+            punkt_tab_dir()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def punkt_tab_dir() -> Path:

@@ -119,7 +119,8 @@ def hf_state_dict(model: GPT, dtype: torch.dtype) -> dict:
 
 def state_dict_from_hf(tensors: dict, cfg: GPTConfig) -> dict:
     """The inverse of hf_state_dict(): our keys; tied, lm_head.weight is the embedding (load_state_dict wants both)."""
-    sd = {our_key(k): v for k, v in tensors.items()}
+    # rotary_emb.inv_freq: a buffer older transformers saved with the weights; ours is rebuilt from the config
+    sd = {our_key(k): v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_embeddings:
         sd.setdefault("lm_head.weight", sd["embed_tokens.weight"])
     return sd
@@ -144,7 +145,8 @@ def read_hf_config(folder: Path) -> GPTConfig:
     archs = d.get("architectures") or ["LlamaForCausalLM"]
     if d.get("model_type") != "llama" or archs != ["LlamaForCausalLM"]:
         raise UserError(f"{path}: model_type={d.get('model_type')!r}, architectures={archs}; t4chat runs Llama-family "
-                        f"models (model_type 'llama': SmolLM2, TinyLlama, Llama 2/3 without rope scaling)")
+                        f"models with a byte-level BPE tokenizer (model_type 'llama': SmolLM2, Llama 3 without rope "
+                        f"scaling)")
     try:
         return gpt_config_from_llama(d)
     except (ValueError, KeyError) as e:
@@ -182,6 +184,10 @@ def hf_checkpoint(folder) -> dict:
     missing = sorted(expected - set(tensors) - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
     if missing:
         raise UserError(f"{folder}: the weights lack {', '.join(missing)}; not a complete LlamaForCausalLM")
+    extra = sorted(k for k in set(tensors) - expected if not k.endswith("rotary_emb.inv_freq"))
+    if extra:
+        raise UserError(f"{folder}: weights t4chat's Llama has no place for: {', '.join(extra[:5])}"
+                        f"{' ...' if len(extra) > 5 else ''} (biases or another architecture's layers)")
     provenance = {}
     if (folder / PROVENANCE_FILE).is_file():  # exported from here: its stage says what it is
         provenance = json.loads((folder / PROVENANCE_FILE).read_text(encoding="utf-8"))

@@ -461,7 +461,8 @@ def write_report(runs, root, folder: Path, stamp: str) -> Path:
     # plots of an earlier report that this one no longer shows (a stage gone, a run now without steps)
     shown = set(re.findall(r"\]\(([\w.]+\.png)\)", text))
     for old in folder.glob("*.png"):
-        if re.fullmatch(r"[a-z]+_(loss|system|evals)\.png", old.name) and old.name not in shown:
+        if re.fullmatch(rf"({'|'.join([*STAGE_DIRS, 'run'])})_(loss|system|evals)\.png", old.name) and \
+                old.name not in shown:  # only the names report.py writes: --out_dir may hold the user's own files
             old.unlink()
     return folder / "report.md"
 

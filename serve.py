@@ -101,7 +101,7 @@ class ChatRequest(BaseModel):
     top_k: int | None = Field(None, ge=0)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-2 ** 63, lt=2 ** 64)
     stream: bool | None = None
@@ -217,6 +217,22 @@ class Scheduler:
             self.counts["peak_running"] = max(self.counts["peak_running"], n)
 
 
+async def read_body(request, lim) -> bytes:
+    """The request body, refused (413) once it is larger than any request within the limits can be: nothing
+    bounds a body before it is parsed, and a few GB of JSON would take the model's memory with it."""
+    cap = lim["max_messages"] * (lim["max_message_chars"] * 6 + 256) + 65536  # 6: JSON's longest escape per char
+    if int(request.headers.get("content-length") or 0) > cap:
+        raise APIError(413, f"the request body is over {cap:,} bytes, more than --max_messages x "
+                            f"--max_message_chars allow", code="request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            raise APIError(413, f"the request body is over {cap:,} bytes, more than --max_messages x "
+                                f"--max_message_chars allow", code="request_too_large")
+    return bytes(body)
+
+
 class Worker:
     """One model copy and the thread that decodes for it: between steps it drops the jobs whose client went away or
     whose time ran out, and takes new jobs into the batch while it has free slots."""
@@ -230,9 +246,12 @@ class Worker:
         if self.dev.type == "cuda":  # library handles (cuBLAS) follow the thread's current device
             torch.cuda.set_device(self.dev)
         while True:
-            for seq in [s for s in self.batch.running if s.job.cancelled]:
+            now = time.monotonic()
+            for seq in [s for s in self.batch.running if s.job.cancelled or now > s.job.deadline]:
+                # past its deadline even when the HTTP side never said so (a client gone before its stream began)
+                seq.job.cancel("timed out")
                 self.batch.remove(seq)
-                self.scheduler.done(seq.job.cancelled)
+                self.scheduler.done(seq.job.cancelled or "timed out")
             for job in self.scheduler.take(self.max_batch - len(self.batch.running), wait=not self.batch.running):
                 self.admit(job)
             self.scheduler.started(len(self.batch.running))
@@ -481,7 +500,7 @@ def create_app(server: Server) -> FastAPI:
     async def chat_completions(request: Request):
         # the body is JSON whatever its Content-Type says (curl -d sends a form type); read by pydantic directly
         try:
-            req = ChatRequest.model_validate_json(await request.body())
+            req = ChatRequest.model_validate_json(await read_body(request, server.limits))
         except ValidationError as e:
             message, param = validation_message(e.errors())
             raise APIError(400, message, param=param) from None

@@ -254,6 +254,11 @@ def test_val_bpb_scores_the_runs_own_validation_shard(tiny_pipeline, monkeypatch
     bpb, err = res["bpb"]
     assert res["n"] == 4
     assert 0 < bpb < 8 and 0 < err < bpb and ev.headline(res) == bpb
+    # the global batch is fixed: the same sequences on 1 process as on N (each rank takes its share)
+    import evaluate
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "rank_and_world", lambda: (0, 2))  # rank 0 of 2: half the rows, the same count
+        assert ev.run_val_bpb(model, tok, meta["config"], n=4)["n"] == 4
     monkeypatch.setattr(ev, "data_root", str(tiny_pipeline.base_dir / "no_such_folder"))
     with pytest.raises(UserError):
         ev.run_val_bpb(model, tok, meta["config"], n=4)

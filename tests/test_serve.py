@@ -243,6 +243,14 @@ def test_each_bad_input_gets_400_naming_the_problem(servers):
     assert r.status_code == 200 and r.json()["dropped_messages"] == 2, r.text
     assert r.json()["usage"]["prompt_tokens"] == len(TOK.chat_format.render_prompt(user("hi")))
     assert s.proc.poll() is None and s.idle()  # nothing hung, nothing crashed
+    # a body larger than any request within the limits can be is refused before it is parsed (413)
+    huge = b'{"messages": [{"role": "user", "content": "' + b"x" * 13_000_000 + b'"}]}'
+    r = httpx.post(s.url + "/v1/chat/completions", content=huge, timeout=60)
+    assert r.status_code == 413 and "--max_message_chars" in r.json()["error"]["message"]
+    # a vanishing temperature is greedy, not inf/nan in the sampler (one such request once failed the whole batch)
+    r = httpx.post(s.url + "/v1/chat/completions", timeout=60, json={**long, "messages": user("hi"),
+                                                                     "temperature": 1e-40})
+    assert r.status_code == 200 and s.proc.poll() is None
 
 
 def test_api_key_guards_all_but_health(servers):
@@ -350,6 +358,10 @@ def test_frequency_and_presence_penalties_follow_openai():
     with pytest.raises(ValueError, match="presence_penalty"):
         engine.check_sampling(max_tokens=1, temperature=0, top_k=0, top_p=1, repetition_penalty=1,
                               presence_penalty=2.5)
+    with pytest.raises(ValueError, match="repetition_penalty"):  # a tiny one overflows the logits it divides
+        engine.check_sampling(max_tokens=1, temperature=0, top_k=0, top_p=1, repetition_penalty=1e-300)
+    logits = torch.tensor([[1.0, 3.0, 2.0, float("-inf")]])
+    assert engine.sample_token(logits, temperature=1e-40).item() == 1  # no inf - inf: the maximum, always
 
 
 def test_a_request_past_its_timeout_is_cancelled():
