@@ -77,7 +77,7 @@ def set_rng_state(st: dict):
 
 
 def atomic_write_text(path, text: str):
-    """Write to <path>.tmp, fsync, rename: a kill mid-write leaves the old file, never half of the new one."""
+    """Write to <path>.tmp<pid>, fsync, rename: a kill mid-write leaves the old file, never half of the new one."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # per process: ranks writing one file never share a tmp
     with open(tmp, "w", encoding="utf-8") as f:
