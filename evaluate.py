@@ -200,11 +200,7 @@ def check_ifeval_packages():
         raise UserError(f"IFEval needs {', '.join(missing)}: pip install -r requirements.txt (or leave ifeval out "
                         f"of --tasks)")
     if rank_and_world()[0] == 0:  # the punkt tables once, before every rank's checker reads them
-        import nltk
-        try:
-            nltk.data.find("tokenizers/punkt_tab/english/")
-        except LookupError:
-            punkt_tab_dir()
+        _use_punkt_tab()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -234,14 +230,19 @@ def _ifeval_checker():
     instructions) seeded, or the same reply can pass one run and fail the next; punkt_tab found locally before
     the module's import-time download attempt."""
     import langdetect
-    import nltk
     langdetect.DetectorFactory.seed = 0
+    _use_punkt_tab()
+    from lm_eval.tasks.ifeval.utils import process_results
+    return process_results
+
+
+def _use_punkt_tab():
+    """NLTK finds English punkt_tab: the user's own if an nltk_data folder has it, else ours (punkt_tab_dir)."""
+    import nltk
     try:
         nltk.data.find("tokenizers/punkt_tab/english/")
     except LookupError:
         nltk.data.path.insert(0, str(punkt_tab_dir()))
-    from lm_eval.tasks.ifeval.utils import process_results
-    return process_results
 
 
 IFEVAL_METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc",

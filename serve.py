@@ -221,15 +221,15 @@ async def read_body(request, lim) -> bytes:
     """The request body, refused (413) once it is larger than any request within the limits can be: nothing
     bounds a body before it is parsed, and a few GB of JSON would take the model's memory with it."""
     cap = lim["max_messages"] * (lim["max_message_chars"] * 6 + 256) + 65536  # 6: JSON's longest escape per char
-    if int(request.headers.get("content-length") or 0) > cap:
-        raise APIError(413, f"the request body is over {cap:,} bytes, more than --max_messages x "
-                            f"--max_message_chars allow", code="request_too_large")
+    too_large = APIError(413, f"the request body is over {cap:,} bytes, more than --max_messages x "
+                              f"--max_message_chars allow", code="request_too_large")
+    if int(request.headers.get("content-length") or 0) > cap:  # said up front: refused before a byte is read
+        raise too_large
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > cap:
-            raise APIError(413, f"the request body is over {cap:,} bytes, more than --max_messages x "
-                                f"--max_message_chars allow", code="request_too_large")
+            raise too_large
     return bytes(body)
 
 
