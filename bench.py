@@ -670,11 +670,17 @@ def run_quality(args):
             runs = {name: f.result() for name, f in futures.items()}
         log(f"[{time.perf_counter() - t0:5.0f}s] quality runs done")
     ours = [name for name in runs if name != "nanogpt"]
+    size = f"depth {args.depth}, width {args.n_embd}, seq {args.max_seq_len}"
     if len(ours) > 1 or not args.baseline:  # a sweep: every point's final loss, no baseline comparison
         for name in ours:
             print(f"{runs[name]['final_val_loss']:.4f}  {name}  ({runs[name]['recipe']})")
-        return dict(sweep={name: runs[name] for name in ours}, machine=machine_info(args), threads=args.threads,
-                    wall_s=time.perf_counter() - t0)
+        res = dict(sweep={name: runs[name] for name in ours}, machine=machine_info(args), threads=args.threads,
+                   wall_s=time.perf_counter() - t0)
+        if args.plot and not args.smoke:
+            res["plot"] = str(plot_runs({name.removeprefix("t4chat ") or "default": runs[name] for name in ours},
+                                        args.plot, f"Recipe sweep: {size}"))
+            print(f"plot: {res['plot']}")
+        return res
     runs["t4chat"] = runs.pop(ours[0])
     gap = runs["nanogpt"]["final_val_loss"] - runs["t4chat"]["final_val_loss"]
     res = dict(quality=dict(t4chat=runs["t4chat"], nanogpt=runs["nanogpt"], gap_nats=gap,
@@ -689,36 +695,46 @@ def run_quality(args):
           f"({'met' if res['quality']['met'] else 'MISSED'})")
     print(f"t4chat:   {runs['t4chat']['recipe']}\nbaseline: {runs['nanogpt']['recipe']}")
     if not args.smoke:
-        path = plot_quality(runs, args.plot)
+        path = plot_runs({"t4chat (Muon, default recipe)": runs["t4chat"],
+                          "nanoGPT baseline (AdamW + cosine)": runs["nanogpt"]},
+                         args.plot or REPO / "bench" / "quality.png", f"Sample efficiency at equal tokens, {size}")
         print(f"plot: {path}")
         res["quality"]["plot"] = str(path)
     return res
 
 
-def plot_quality(runs, path):
+def plot_runs(runs, path, title):
+    """Validation loss (dots) and a running mean of the training loss of each run, labelled by the dict's keys;
+    bench.py --quality draws t4chat against the baseline, a sweep (--plot) every point. The right panel zooms in
+    on the second half, where recipes that start alike part."""
     import matplotlib  # only --quality needs it, so the speed run works without it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-    colors = {"t4chat": "tab:blue", "nanogpt": "tab:orange"}
-    labels = {"t4chat": "t4chat (Muon, default recipe)", "nanogpt": "nanoGPT baseline (AdamW + cosine)"}
-    for kind, r in runs.items():
-        tl = r["train_loss"]
-        k = 10  # a running mean over 10 steps: single-batch losses are too noisy to compare by eye
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100)
+    first = next(iter(runs.values()))
+    half = first["steps"] // 2
+    for n, (label, r) in enumerate(runs.items()):
+        tl, k = r["train_loss"], 10  # a running mean over 10 steps: single-batch losses are too noisy by eye
         smooth = [sum(tl[max(0, i - k + 1):i + 1]) / len(tl[max(0, i - k + 1):i + 1]) for i in range(len(tl))]
-        ax.plot(range(1, len(tl) + 1), smooth, color=colors[kind], alpha=0.45, lw=1, label=f"{labels[kind]}: train")
         s, v = zip(*r["val_loss"])
-        ax.plot(s, v, "o-", color=colors[kind], lw=2, ms=4, label=f"{labels[kind]}: val")
-    ax.set_xlabel(f"step ({runs['t4chat']['tokens'] // runs['t4chat']['steps']:,} tokens each)")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_ylim(top=min(11.5, ax.get_ylim()[1]))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Sample efficiency at equal tokens, depth 4, width 256, seq 256")
+        for ax, lo in zip(axes, (0, half)):
+            ax.plot(range(lo + 1, len(tl) + 1), smooth[lo:], color=f"C{n}", alpha=0.4, lw=1,
+                    label=f"{label}: train" if lo == 0 else None)
+            ax.plot([x for x in s if x >= lo], [y for x, y in zip(s, v) if x >= lo], "o-", color=f"C{n}", lw=2,
+                    ms=4, label=f"{label}: val ({v[-1]:.3f})" if lo == 0 else None)
+    for ax in axes:
+        ax.set_xlabel(f"step ({first['tokens'] // first['steps']:,} tokens each)")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(top=min(11.5, axes[0].get_ylim()[1]))
+    axes[0].legend(fontsize=7)
+    axes[0].set_title(title, fontsize=10)
+    axes[1].set_title(f"steps {half}-{first['steps']}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
+    plt.close(fig)
     return path
 
 
@@ -762,7 +778,8 @@ def parse_args(argv):
                    help="--quality: also train the nanoGPT baseline (False for a sweep)")
     p.add_argument("--eval_every", type=int, default=50)
     p.add_argument("--eval_batches", type=int, default=32)
-    p.add_argument("--plot", type=Path, default=REPO / "bench" / "quality.png")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="--quality: where the loss curves go (default bench/quality.png; a sweep plots only if given)")
     p.add_argument("--json_out", type=Path, default=None, help="also write the JSON line to this file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

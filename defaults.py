@@ -16,6 +16,8 @@ muon_momentum_start = -1.0    # momentum at step 0, rising linearly to muon_mome
 muon_momentum_warmup_steps = 0  # steps of that rise
 muon_momentum_warmdown = -1.0  # wsd: momentum at the end of the warmdown (linear); -1 = unchanged
 weight_decay_schedule = "constant"  # weight_decay over the run: constant | linear | cosine (both end at 0)
+weight_decay_horizon = -1     # the steps weight_decay was tuned for: a longer run gets weight_decay * this / max_steps,
+                              # the same total decay (nanochat's T_epoch rule); -1 = off; yields to a --weight_decay
 cautious_weight_decay = False  # Muon: decay a weight only where the update also shrinks it
 lr_scaling = "none"           # none | linear | sqrt: scale max_lr with the global batch (the multi-GPU guide)
 grad_clip = 1.0               # clip the global gradient norm; 0 = off

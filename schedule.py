@@ -4,6 +4,7 @@
                           reference_batch=...)
     sched.steps, sched.warmup, sched.peak_lr, sched.matrix_lr, sched.lr(step)
     sched.momentum(step), sched.wd_factor(step)     # Muon's momentum and the weight decay's scale at `step`
+                                                    # (its schedule's shape times weight_decay_horizon / steps)
 
 get_lr() is the pure function behind Schedule.lr (linear warmup that never starts at 0, then cosine, linear,
 constant, cosine with restarts, or wsd: constant, then a linear warmdown over the last warmdown_ratio of the steps,
@@ -19,6 +20,9 @@ from common import pick_pair
 from configurator import UserError
 
 LR_SCHEDULERS = ("cosine", "linear", "constant", "cosine_with_restarts", "wsd")
+# where the decay ends when neither min_lr nor final_lr_frac is set: a tenth of the peak (nanoGPT; the guides'
+# cosine), or for wsd 5 % (nanochat's final_lr_frac, the shape train_base.py's default recipe was measured with)
+DEFAULT_FINAL_FRAC = {"wsd": 0.05}
 WD_SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -98,7 +102,9 @@ class Schedule:
     momentum_warmup: int = 0
     momentum_warmdown: float = -1.0  # wsd's warmdown takes it linearly to this value; -1 = it stays
     wd_schedule: str = "constant"   # the weight decay's scale over the run: constant, linear or cosine to 0
+    wd_scale: float = 1.0           # weight_decay_horizon / steps (at most 1): a longer run decays less per step
     cautious_wd: bool = False       # Muon: decay only where the update shrinks the weight too
+    note: str = ""                  # a script default that gave way to this run's length, for the log
 
     def lr(self, step) -> float:
         return get_lr(step, max_lr=self.peak_lr, min_lr=self.final_lr, warmup_steps=self.warmup,
@@ -117,9 +123,11 @@ class Schedule:
         return m
 
     def wd_factor(self, step) -> float:
-        """The weight decay at `step` as a fraction of weight_decay: 1 throughout, or down to 0 at the end."""
+        """The weight decay at `step` as a fraction of weight_decay: its shape (1 throughout, or down to 0 at the
+        end) times wd_scale."""
         p = min(1.0, step / max(1, self.steps))
-        return {"constant": 1.0, "linear": 1.0 - p, "cosine": 0.5 * (1.0 + math.cos(math.pi * p))}[self.wd_schedule]
+        shape = {"constant": 1.0, "linear": 1.0 - p, "cosine": 0.5 * (1.0 + math.cos(math.pi * p))}[self.wd_schedule]
+        return self.wd_scale * shape
 
     def describe(self, muon=True) -> str:
         """One line for the log; muon=False leaves out Muon's settings (the stage built an optimizer without it)."""
@@ -133,6 +141,8 @@ class Schedule:
                 line += f" -> {self.momentum_warmdown:g} in the warmdown"
             if self.cautious_wd:
                 line += ", cautious weight decay"
+        if self.wd_scale != 1:
+            line += f", weight decay x{self.wd_scale:.3g} for the horizon"
         return line + (f", weight decay {self.wd_schedule} to 0" if self.wd_schedule != "constant" else "")
 
 
@@ -140,13 +150,20 @@ def make_schedule(c: dict, user_set, *, steps_per_epoch=None, default_steps=None
                   reference_batch=1, default_lrs=(None, None)) -> Schedule:
     """The Schedule a config asks for: max_steps | num_epochs, warmup_steps | warmup_ratio (resolve_schedule),
     max_lr scaled by lr_scaling (a lr_reference_batch / lr_reference_examples > 0 replaces reference_batch), min_lr
-    (-1 = peak / 10). default_lrs are the script's (max_lr, matrix_lr) before overrides: Muon's matrix_lr follows
+    (-1 = peak / 10; wsd: peak * 0.05). default_lrs are the script's (max_lr, matrix_lr) before overrides: Muon's matrix_lr follows
     max_lr, so a user who lowers max_lr (the guides' "loss not falling: lower the learning rate") lowers every rate
     in the model in proportion, unless matrix_lr is set as well; lr_scaling scales both alike."""
     steps, warmup = resolve_schedule(
         max_steps=c["max_steps"], num_epochs=c.get("num_epochs", -1), warmup_steps=c["warmup_steps"],
         warmup_ratio=c["warmup_ratio"], user_set=user_set, steps_per_epoch=steps_per_epoch,
         default_steps=default_steps)
+    note = ""
+    # a script's warmup_steps is sized for real runs; on a run not ten times longer (a smoke test) it would eat the
+    # run, so it shrinks to a tenth of the steps and the log says so. A warmup the user asked for is kept.
+    if warmup > steps // 10 and warmup == c["warmup_steps"] and not {"warmup_steps", "warmup_ratio"} & user_set:
+        note = (f"warmup_steps={warmup} (the script's default) is more than a tenth of this {steps}-step run: "
+                f"warming up over {steps // 10} steps instead; pass --warmup_steps to choose")
+        warmup = steps // 10
     given = c.get("lr_reference_batch", c.get("lr_reference_examples", -1))
     peak = scale_lr(c["max_lr"], mode=c["lr_scaling"], global_batch=global_batch,
                     reference_batch=given if given > 0 else reference_batch)
@@ -154,24 +171,32 @@ def make_schedule(c: dict, user_set, *, steps_per_epoch=None, default_steps=None
     matrix = c.get("matrix_lr", default_matrix or 0.0) if c.get("optimizer") == "muon" else 0.0
     if "max_lr" in user_set and "matrix_lr" not in user_set and default_max:
         matrix *= c["max_lr"] / default_max
-    # the final rate: final_lr_frac of the peak (nanochat's name), else min_lr (-1 = a tenth of the peak)
+    # the final rate: final_lr_frac of the peak (nanochat's name), else min_lr (-1 = DEFAULT_FINAL_FRAC's)
     frac = c.get("final_lr_frac", -1)
     if pick_pair("min_lr", c["min_lr"], "final_lr_frac", frac, user_set) == "b":
         if not 0 <= frac <= 1:
             raise UserError(f"final_lr_frac={frac} must be in [0, 1]")
         final = frac * peak
     else:
-        final = c["min_lr"] if c["min_lr"] >= 0 else peak / 10
+        final = c["min_lr"] if c["min_lr"] >= 0 else peak * DEFAULT_FINAL_FRAC.get(c["lr_scheduler"], 0.1)
     ratio = c.get("warmdown_ratio", 0.0)
     if not 0 <= ratio <= 1:
         raise UserError(f"warmdown_ratio={ratio} must be in [0, 1] (the fraction of the steps that decay)")
-    warmdown = min(int(round(ratio * steps)), steps - warmup) if c["lr_scheduler"] == "wsd" else 0
+    warmdown = max(0, min(int(round(ratio * steps)), steps - warmup)) if c["lr_scheduler"] == "wsd" else 0
     momentum = c.get("muon_momentum", 0.95)
     start = c.get("muon_momentum_start", -1)
     for name, value in (("muon_momentum", momentum), ("muon_momentum_start", start),
                         ("muon_momentum_warmdown", c.get("muon_momentum_warmdown", -1))):
         if value != -1 and not 0 <= value < 1 or name == "muon_momentum" and value == -1:
             raise UserError(f"{name}={value} must be in [0, 1)" + ("" if name == "muon_momentum" else "; -1 = off"))
+    # weight decay tuned at `horizon` steps keeps its total over a longer run: the weights' memory (1 / (lr * wd)
+    # steps) stays the same fraction of the run (T_epoch, arXiv 2405.13698; nanochat scales it alike). Only the
+    # script's value is scaled: a --weight_decay means what it says unless the horizon is given with it. Never
+    # above the tuned value, so a short smoke run does not decay harder than anything measured.
+    horizon = c.get("weight_decay_horizon", -1)
+    if "weight_decay" in user_set and "weight_decay_horizon" not in user_set:
+        horizon = -1
+    wd_scale = min(1.0, horizon / steps) if horizon > 0 else 1.0
     if c.get("weight_decay_schedule", "constant") not in WD_SCHEDULES:
         raise UserError(f"weight_decay_schedule={c['weight_decay_schedule']!r} is not one of {', '.join(WD_SCHEDULES)}")
     return Schedule(steps=steps, warmup=warmup, peak_lr=peak, final_lr=final,
@@ -180,5 +205,5 @@ def make_schedule(c: dict, user_set, *, steps_per_epoch=None, default_steps=None
                     momentum_start=momentum if start == -1 else start,
                     momentum_warmup=max(0, c.get("muon_momentum_warmup_steps", 0)),
                     momentum_warmdown=c.get("muon_momentum_warmdown", -1),
-                    wd_schedule=c.get("weight_decay_schedule", "constant"),
-                    cautious_wd=bool(c.get("cautious_weight_decay", False)))
+                    wd_schedule=c.get("weight_decay_schedule", "constant"), wd_scale=wd_scale,
+                    cautious_wd=bool(c.get("cautious_weight_decay", False)), note=note)

@@ -38,17 +38,26 @@ grad_accum_steps = -1         # micro-steps per optimizer step per GPU; -1 = der
 max_steps = -1                # optimizer steps; -1 = from num_epochs, else from target_param_data_ratio
 num_epochs = -1.0             # passes over the training shards; -1 = use max_steps
 target_param_data_ratio = 20  # tokens per parameter when max_steps and num_epochs are -1 (Chinchilla: 20)
-# learning rates and schedule
+# learning rates and schedule: chosen by a sweep (BENCHMARKS.md, "Default recipe"): warmup, a flat peak, then a
+# linear warmdown over the last 65 % of the steps; Muon's momentum warms up; its weight decay falls to 0 on a cosine
 max_lr = 0.004                # peak learning rate of the AdamW parameters (embeddings, head, norms)
 matrix_lr = 0.02              # peak learning rate of the Muon matrices; follows max_lr in proportion unless set
-min_lr = -1.0                 # final learning rate; -1 = max_lr / 10 (scaled alike for matrix_lr)
-warmup_steps = -1             # linear warmup steps; -1 = use warmup_ratio
-warmup_ratio = 0.0            # warmup as a fraction of max_steps; -1 = use warmup_steps
-lr_scheduler = "cosine"       # cosine | linear | constant | cosine_with_restarts
+min_lr = -1.0                 # final learning rate; -1 = max_lr * 0.05 for wsd, max_lr / 10 for the others
+warmup_steps = 40             # linear warmup steps; -1 = use warmup_ratio
+warmup_ratio = -1.0           # warmup as a fraction of max_steps (the guides' key); -1 = use warmup_steps
+lr_scheduler = "wsd"          # wsd (warmup, stable, warmdown) | cosine | linear | constant | cosine_with_restarts
+warmdown_ratio = 0.65         # wsd: the last fraction of the steps, where the rate falls linearly to the final one
+muon_momentum = 0.97          # Muon's momentum after its warm-up
+muon_momentum_start = 0.85    # ... at step 0, rising linearly over muon_momentum_warmup_steps; -1 = no warm-up
+muon_momentum_warmup_steps = 400  # steps of that rise (a fixed count, as nanochat)
+muon_momentum_warmdown = 0.9  # wsd: the momentum at the end of the warmdown; -1 = unchanged
 lr_reference_batch = -1       # tokens; -1 = one process's batch (so scaling follows the GPU count)
 # optimizer: main() builds it (model.configure_optimizers, or any torch.optim.Optimizer)
 optimizer = "muon"            # muon (Muon for the hidden matrices + AdamW for the rest) | adamw
-weight_decay = 0.0            # decoupled weight decay (AdamW: 2-D weights only; Muon: its matrices)
+weight_decay = 0.28           # decoupled weight decay (Muon: its matrices; AdamW: 2-D weights), tuned at 400 steps
+weight_decay_schedule = "cosine"  # constant | linear | cosine: the decay's scale over the run (both end at 0)
+weight_decay_horizon = 400    # a longer run gets weight_decay * 400 / max_steps (the same total decay); -1 = as is
+cautious_weight_decay = False  # Muon: decay a weight only where the update also shrinks it
 # evaluation and checkpoints
 eval_every = 100              # steps between validation loss / bpb; -1 = only at the end
 checkpoint_interval = 1000    # steps between checkpoints; -1 = only at the end

@@ -43,7 +43,10 @@ _HYPER_NAMES = {"base_lr": "learning rates (max_lr / matrix_lr / lr_scaling)", "
 SCHEDULED = ("lr", "weight_decay", "momentum", "cautious")
 SCHEDULE_KEYS = ("lr_scheduler", "warmdown_ratio", "final_lr_frac", "muon_momentum", "muon_momentum_start",
                  "muon_momentum_warmup_steps", "muon_momentum_warmdown", "weight_decay_schedule",
-                 "cautious_weight_decay")
+                 "weight_decay_horizon", "cautious_weight_decay")
+# the shape of a run's schedule: a resume keeps the checkpoint's values of those this command line does not set, so
+# a script whose defaults changed since the run began (a git pull) does not bend the run halfway
+RECIPE_KEYS = ("warmup_steps", "warmup_ratio", "min_lr", "decay_lr", "lr_restarts", "weight_decay", *SCHEDULE_KEYS)
 
 
 def set_hyperparameters(optimizer, schedule, step):
@@ -107,11 +110,28 @@ def _pretrained_defaults(g: dict, c: dict, user_set: set):
                "and can wreck pretrained weights within a few steps; --optimizer=adamw --max_lr=4e-5 is the safe choice")
 
 
+def _keep_recipe(g: dict, c: dict, user_set: set, ckpt: dict):
+    """A resumed run goes on with its own schedule (RECIPE_KEYS): the checkpoint's value of each key this command
+    line does not set wins over the script's default. A checkpoint from before a setting existed ran without it,
+    which is defaults.py's value (off). The learning rates follow this run, as the guides' fixes need."""
+    import defaults
+    was, kept = ckpt.get("config") or {}, []
+    for k in RECIPE_KEYS:
+        if k in c and k not in user_set:
+            old = was.get(k, getattr(defaults, k, c[k]))
+            if old != c[k]:
+                kept.append(f"{k}={old!r} (the script's default is now {c[k]!r})")
+                g[k] = c[k] = old
+    if kept:
+        print0(f"resume: the run keeps its own schedule: {', '.join(kept)}; pass --key=value to change one from "
+               f"step {ckpt.get('step')} on")
+
+
 def _check_ranges(c):
     """Values the parser accepts by type but the loop cannot use; all reported at once, before anything starts."""
     rules = [("max_lr", lambda v: v > 0, "> 0"), ("matrix_lr", lambda v: v > 0, "> 0"),
              ("log_every", lambda v: v >= 1, ">= 1"), ("weight_decay", lambda v: v >= 0, ">= 0"),
-             ("min_lr", lambda v: v >= 0 or v == -1, ">= 0, or -1 for max_lr / 10"),
+             ("min_lr", lambda v: v >= 0 or v == -1, ">= 0, or -1 for max_lr / 10 (wsd: max_lr * 0.05)"),
              ("keep_last_n_checkpoints", lambda v: v >= -1, ">= 0, or -1 to keep all"),
              ("max_nonfinite", lambda v: v >= 1, ">= 1")]
     bad = [f"{k}={c[k]} must be {want}" for k, ok, want in rules if k in c and not ok(c[k])]
@@ -192,6 +212,9 @@ class Trainer:
                             f"{self.ckpts.latest().name}). Continue it with --auto_resume=True, or start another run "
                             f"with --run_name=<new name>")
 
+        if self.resume_ckpt is not None:
+            _keep_recipe(g, c, self.user_set, self.resume_ckpt)
+
         # the tokenizer: the one a checkpoint recorded wins (a mid run uses its base's vocabulary), unless the
         # user names one explicitly, which must then match (build_model checks)
         source, where = ((self.resume_ckpt, self.resume_path) if self.resume_ckpt is not None
@@ -260,8 +283,11 @@ class Trainer:
     def schedule(self, *, steps_per_epoch, default_steps, global_batch, reference_batch) -> Schedule:
         """The run's Schedule (steps, warmup, peak and final lr, Muon's matrix_lr, the scheduler) from max_steps |
         num_epochs, warmup_steps | warmup_ratio, max_lr, min_lr, lr_scaling: schedule.make_schedule."""
-        return make_schedule(self.c, self.user_set, steps_per_epoch=steps_per_epoch, default_steps=default_steps,
-                             global_batch=global_batch, reference_batch=reference_batch, default_lrs=self.default_lrs)
+        sched = make_schedule(self.c, self.user_set, steps_per_epoch=steps_per_epoch, default_steps=default_steps,
+                              global_batch=global_batch, reference_batch=reference_batch, default_lrs=self.default_lrs)
+        if sched.note:
+            print0(sched.note)
+        return sched
 
     def loader_args(self, **more) -> dict:
         """What every loader of this run takes: the batch shape from the config, this process's share, device, seed."""

@@ -46,12 +46,14 @@ def test_a_quality_sweep_runs_each_recipe_as_train_base_would_read_it():
     """--recipe points (issue 17's sweep): each trains with its settings applied, the schedule says so; a typo in a
     key fails at once, naming it."""
     cmd = [sys.executable, "bench.py", "--quality", "--smoke", "--baseline=False",
-           "--recipe=lr_scheduler=wsd,warmup_steps=1", "--recipe=muon_momentum_start=0.85,muon_momentum_warmup_steps=2"]
+           "--recipe=lr_scheduler=cosine,warmup_steps=1", "--recipe=muon_momentum_start=0.8,muon_momentum_warmup_steps=2"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     sweep = json.loads(out.stdout.strip().splitlines()[-1])["sweep"]
-    assert "(wsd, warmdown 2)" in sweep["t4chat lr_scheduler=wsd,warmup_steps=1"]["recipe"]
-    assert "momentum 0.85 -> 0.95 over 2 steps" in sweep["t4chat muon_momentum_start=0.85,muon_momentum_warmup_steps=2"][
+    assert "warmup 1, lr 0.004 -> 0.0004 (cosine)" in sweep["t4chat lr_scheduler=cosine,warmup_steps=1"]["recipe"]
+    # the other settings are train_base.py's defaults: wsd, Muon's momentum rising to 0.97
+    assert "(wsd, warmdown 2)" in sweep["t4chat muon_momentum_start=0.8,muon_momentum_warmup_steps=2"]["recipe"]
+    assert "momentum 0.8 -> 0.97 over 2 steps" in sweep["t4chat muon_momentum_start=0.8,muon_momentum_warmup_steps=2"][
         "recipe"]
     bad = subprocess.run(cmd[:4] + ["--recipe=warmdown_ration=0.5"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)

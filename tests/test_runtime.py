@@ -118,12 +118,56 @@ def test_wsd_momentum_and_weight_decay_schedules():
     assert m[80] == pytest.approx(0.925) and m[100] == pytest.approx(0.9)
     assert sched.wd_factor(0) == 1.0 and sched.wd_factor(50) == pytest.approx(0.5) and sched.wd_factor(100) == 0.0
     assert "momentum 0.85 -> 0.95 over 20 steps -> 0.9 in the warmdown" in sched.describe()
-    # min_lr still works as before; both given by the user is an error naming both
+    # weight_decay_horizon: the script's weight decay, tuned at 25 steps, decays a 100-step run a quarter as hard per
+    # step; a --weight_decay is taken as typed unless the horizon is given too; a shorter run is never scaled up
+    h = {**c, "weight_decay_horizon": 25}
+    assert make_schedule(h, set()).wd_factor(0) == pytest.approx(0.25)
+    assert make_schedule(h, set()).wd_factor(50) == pytest.approx(0.125)
+    assert "weight decay x0.25 for the horizon" in make_schedule(h, set()).describe()
+    assert make_schedule(h, {"weight_decay"}).wd_factor(0) == 1.0
+    assert make_schedule(h, {"weight_decay", "weight_decay_horizon"}).wd_factor(0) == pytest.approx(0.25)
+    assert make_schedule({**h, "max_steps": 10}, set()).wd_factor(0) == 1.0
+    # the script's warmup on a run shorter than ten times it (a smoke test) shrinks to a tenth of the run, said in
+    # the schedule's note; a warmup the user asked for stays, and the warmdown never goes negative
+    short = make_schedule({**c, "max_steps": 20, "warmup_steps": 40}, set())
+    assert short.warmup == 2 and "warmup_steps=40 (the script's default)" in short.note
+    assert short.lr(2) == 1.0 and short.warmdown == 8
+    mine = make_schedule({**c, "max_steps": 20, "warmup_steps": 40}, {"warmup_steps"})
+    assert mine.warmup == 40 and mine.warmdown == 0 and mine.note == ""
+    assert make_schedule(c, set()).note == ""  # 10 of 100 steps: as given
+    # min_lr still works as before; both given by the user is an error naming both; neither: wsd ends at 5 % of the
+    # peak (nanochat's), the other shapes at a tenth as they always did (the guides' cosine)
     assert make_schedule({**c, "final_lr_frac": -1, "min_lr": 0.2}, {"min_lr"}).final_lr == 0.2
+    assert make_schedule({**c, "final_lr_frac": -1}, set()).final_lr == pytest.approx(0.05)
+    for kind in ("cosine", "linear", "cosine_with_restarts"):
+        assert make_schedule({**c, "final_lr_frac": -1, "lr_scheduler": kind}, set()).final_lr == pytest.approx(0.1)
     with pytest.raises(UserError, match="min_lr.*final_lr_frac"):
         make_schedule({**c, "min_lr": 0.2}, {"min_lr", "final_lr_frac"})
     with pytest.raises(UserError, match="muon_momentum_start"):
         make_schedule({**c, "muon_momentum_start": 1.5}, set())
+
+
+def test_a_resume_keeps_its_runs_schedule_over_changed_script_defaults(capsys):
+    """A checkpoint's schedule settings win over the script's defaults (a git pull changed them mid-run); what the
+    command line sets wins over the checkpoint; a checkpoint older than a setting ran with defaults.py's 'off'."""
+    from trainer import _keep_recipe
+    script = dict(lr_scheduler="wsd", warmup_steps=40, warmup_ratio=-1, min_lr=-1, weight_decay=0.28,
+                  muon_momentum_start=0.85, muon_momentum_warmup_steps=400, weight_decay_schedule="cosine",
+                  max_lr=0.004, max_steps=500)
+    old_run = dict(lr_scheduler="cosine", warmup_steps=-1, warmup_ratio=0.0, min_lr=-1, weight_decay=0.0,
+                   max_lr=0.004, max_steps=500)  # written before the momentum and decay schedules existed
+    g, c = dict(script), dict(script)
+    _keep_recipe(g, c, {"max_steps", "weight_decay"}, dict(config=old_run, step=300))
+    assert g == c
+    assert c["lr_scheduler"] == "cosine" and c["warmup_steps"] == -1 and c["warmup_ratio"] == 0.0
+    assert c["muon_momentum_start"] == -1 and c["muon_momentum_warmup_steps"] == 0
+    assert c["weight_decay_schedule"] == "constant"
+    assert c["weight_decay"] == 0.28  # set on this command line
+    out = capsys.readouterr().out
+    assert "lr_scheduler='cosine' (the script's default is now 'wsd')" in out and "from step 300 on" in out
+    # nothing differs: nothing said
+    _keep_recipe(g, c, set(), dict(config=dict(c), step=5))
+    assert capsys.readouterr().out == ""
 
 
 def test_cautious_weight_decay_only_shrinks_weights_the_update_shrinks_too():

@@ -103,7 +103,12 @@ def test_sigterm_saves_at_step_boundary_and_resumes_exactly(tiny_corpus, tmp_pat
     assert "SIGTERM received" in stdout
     stopped = int((out / "LATEST").read_text(encoding="utf-8")[5:11])
     assert 5 <= stopped < 40
-    run_script("train_base.py", *args, "--auto_resume=True")
+    # resumed without the schedule's flags, as after a git pull that changed the script's defaults: the run keeps
+    # the schedule its checkpoint recorded, so it still matches the uninterrupted run bit for bit
+    p = run_script("train_base.py", *[a for a in args if a not in SCHEDULES["float32"]], "--auto_resume=True")
+    assert "resume: the run keeps its own schedule: " in p.stdout
+    assert "warmdown_ratio=0.25 (the script's default is now 0.65)" in p.stdout
+    assert "differ from the checkpoint's" not in p.stdout
     assert_same_run(reference_runs["float32"], out, 40)
 
 
