@@ -681,6 +681,7 @@ def run_quality(args):
                                         args.plot, f"Recipe sweep: {size}"))
             print(f"plot: {res['plot']}")
         return res
+    label = f"t4chat ({ours[0].removeprefix('t4chat ') or 'Muon, default recipe'})"  # one --recipe: that point
     runs["t4chat"] = runs.pop(ours[0])
     gap = runs["nanogpt"]["final_val_loss"] - runs["t4chat"]["final_val_loss"]
     res = dict(quality=dict(t4chat=runs["t4chat"], nanogpt=runs["nanogpt"], gap_nats=gap,
@@ -695,7 +696,7 @@ def run_quality(args):
           f"({'met' if res['quality']['met'] else 'MISSED'})")
     print(f"t4chat:   {runs['t4chat']['recipe']}\nbaseline: {runs['nanogpt']['recipe']}")
     if not args.smoke:
-        path = plot_runs({"t4chat (Muon, default recipe)": runs["t4chat"],
+        path = plot_runs({label: runs["t4chat"],
                           "nanoGPT baseline (AdamW + cosine)": runs["nanogpt"]},
                          args.plot or REPO / "bench" / "quality.png", f"Sample efficiency at equal tokens, {size}")
         print(f"plot: {path}")
@@ -704,22 +705,24 @@ def run_quality(args):
 
 
 def plot_runs(runs, path, title):
-    """Validation loss (dots) and a running mean of the training loss of each run, labelled by the dict's keys;
-    bench.py --quality draws t4chat against the baseline, a sweep (--plot) every point. The right panel zooms in
-    on the second half, where recipes that start alike part."""
+    """Validation loss (dots) and, up to three runs, a running mean of the training loss of each run, labelled by
+    the dict's keys; bench.py --quality draws t4chat against the baseline, a sweep (--plot) every point. The right
+    panel zooms in on the second half, where recipes that start alike part."""
     import matplotlib  # only --quality needs it, so the speed run works without it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100)
     first = next(iter(runs.values()))
     half = first["steps"] // 2
+    trains = len(runs) <= 3  # beyond three runs the noisy training curves hide the validation ones
     for n, (label, r) in enumerate(runs.items()):
         tl, k = r["train_loss"], 10  # a running mean over 10 steps: single-batch losses are too noisy by eye
         smooth = [sum(tl[max(0, i - k + 1):i + 1]) / len(tl[max(0, i - k + 1):i + 1]) for i in range(len(tl))]
         s, v = zip(*r["val_loss"])
         for ax, lo in zip(axes, (0, half)):
-            ax.plot(range(lo + 1, len(tl) + 1), smooth[lo:], color=f"C{n}", alpha=0.4, lw=1,
-                    label=f"{label}: train" if lo == 0 else None)
+            if trains:
+                ax.plot(range(lo + 1, len(tl) + 1), smooth[lo:], color=f"C{n}", alpha=0.4, lw=1,
+                        label=f"{label}: train" if lo == 0 else None)
             ax.plot([x for x in s if x >= lo], [y for x, y in zip(s, v) if x >= lo], "o-", color=f"C{n}", lw=2,
                     ms=4, label=f"{label}: val ({v[-1]:.3f})" if lo == 0 else None)
     for ax in axes:

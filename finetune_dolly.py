@@ -49,10 +49,10 @@ num_epochs = -1.0             # passes over the training part; -1 = use max_step
 # learning rates and schedule: cosine from max_lr to min_lr (AdamW, below)
 max_lr = 3e-5                 # peak learning rate (the guide: 3e-5 to 5e-5 for finetuning, 10x below pretraining)
 matrix_lr = 1.5e-4            # peak learning rate of the Muon matrices; follows max_lr in proportion unless set
-min_lr = -1.0                 # final learning rate; -1 = max_lr / 10
+min_lr = -1.0                 # final learning rate; -1 = max_lr / 10 (wsd: max_lr * 0.05)
 warmup_steps = 100            # linear warmup steps; -1 = use warmup_ratio
 warmup_ratio = -1.0           # warmup as a fraction of max_steps; -1 = use warmup_steps
-lr_scheduler = "cosine"       # cosine | linear | constant | cosine_with_restarts
+lr_scheduler = "cosine"       # cosine | linear | constant | cosine_with_restarts | wsd
 lr_reference_examples = -1    # rows per step lr_scaling compares with; -1 = target_examples_per_step
 # optimizer: main() builds it (model.configure_optimizers, or any torch.optim.Optimizer)
 optimizer = "adamw"           # adamw | muon

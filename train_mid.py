@@ -37,10 +37,10 @@ num_epochs = 1.0              # passes over the mixture's training part; -1 = us
 # learning rates and schedule (the base run's learning rates, decayed to zero: nanochat's mid-training recipe)
 max_lr = 0.004                # peak learning rate of the AdamW parameters (embeddings, head, norms)
 matrix_lr = 0.02              # peak learning rate of the Muon matrices; follows max_lr in proportion unless set
-min_lr = 0.0                  # final learning rate; -1 = max_lr / 10
+min_lr = 0.0                  # final learning rate; -1 = max_lr / 10 (wsd: max_lr * 0.05)
 warmup_steps = 0              # linear warmup steps; -1 = use warmup_ratio
 warmup_ratio = -1.0           # warmup as a fraction of max_steps; -1 = use warmup_steps
-lr_scheduler = "linear"       # cosine | linear | constant | cosine_with_restarts
+lr_scheduler = "linear"       # cosine | linear | constant | cosine_with_restarts | wsd
 lr_reference_batch = -1       # tokens; -1 = one process's batch
 # optimizer: main() builds it (model.configure_optimizers, or any torch.optim.Optimizer)
 optimizer = "muon"            # muon | adamw

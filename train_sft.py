@@ -36,10 +36,10 @@ num_epochs = 1.0              # passes over the mixture's training part; -1 = us
 # learning rates and schedule: a fifth of mid-training's learning rates, decayed to zero
 max_lr = 0.0008               # peak learning rate of the AdamW parameters (embeddings, head, norms)
 matrix_lr = 0.004             # peak learning rate of the Muon matrices; follows max_lr in proportion unless set
-min_lr = 0.0                  # final learning rate; -1 = max_lr / 10
+min_lr = 0.0                  # final learning rate; -1 = max_lr / 10 (wsd: max_lr * 0.05)
 warmup_steps = -1             # linear warmup steps; -1 = use warmup_ratio
 warmup_ratio = 0.0            # warmup as a fraction of max_steps (the 8 GB guide: 0.2); -1 = use warmup_steps
-lr_scheduler = "linear"       # cosine | linear | constant | cosine_with_restarts
+lr_scheduler = "linear"       # cosine | linear | constant | cosine_with_restarts | wsd
 lr_reference_examples = -1    # conversations per step lr_scaling compares with; -1 = target_examples_per_step
 # optimizer: main() builds it (model.configure_optimizers, or any torch.optim.Optimizer)
 optimizer = "muon"            # muon | adamw

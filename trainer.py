@@ -110,21 +110,43 @@ def _pretrained_defaults(g: dict, c: dict, user_set: set):
                "and can wreck pretrained weights within a few steps; --optimizer=adamw --max_lr=4e-5 is the safe choice")
 
 
+# the two keys of a pair that say the same thing (common.pick_pair): only one of them can be the user's
+_PAIRED = {"warmup_steps": "warmup_ratio", "warmup_ratio": "warmup_steps", "min_lr": "final_lr_frac",
+           "final_lr_frac": "min_lr"}
+
+
 def _keep_recipe(g: dict, c: dict, user_set: set, ckpt: dict):
     """A resumed run goes on with its own schedule (RECIPE_KEYS): the checkpoint's value of each key this command
-    line does not set wins over the script's default. A checkpoint from before a setting existed ran without it,
-    which is defaults.py's value (off). The learning rates follow this run, as the guides' fixes need."""
+    line does not set wins over the script's default, and a key the run's own command line set stays the user's
+    (checkpoints record user_set), so pick_pair, the warmup shrink and the weight-decay horizon decide as they did.
+    A checkpoint from before a setting existed ran without it, which is defaults.py's value (off). The learning
+    rates follow this run, as the guides' fixes need. Returns the keys set only to spell out an old checkpoint's
+    schedule in today's terms."""
     import defaults
-    was, kept = ckpt.get("config") or {}, []
+    was, was_user, kept, legacy = ckpt.get("config") or {}, ckpt.get("user_set"), [], set()
     for k in RECIPE_KEYS:
-        if k in c and k not in user_set:
-            old = was.get(k, getattr(defaults, k, c[k]))
-            if old != c[k]:
-                kept.append(f"{k}={old!r} (the script's default is now {c[k]!r})")
-                g[k] = c[k] = old
+        if k not in c or k in user_set:
+            continue
+        old = was.get(k, getattr(defaults, k, c[k]))
+        if old != c[k]:
+            kept.append(f"{k}={old!r} (the script's default is now {c[k]!r})")
+            g[k] = c[k] = old
+        if was_user is not None and k in was_user and _PAIRED.get(k) not in user_set:
+            user_set.add(k)
+    if was_user is None:
+        # written before checkpoints recorded user_set: its warmup was taken as given (no shrink existed), and
+        # wsd ended at a tenth of the peak then
+        if "warmup_ratio" not in user_set:
+            user_set.add("warmup_steps")
+        if c.get("lr_scheduler") == "wsd" and c.get("min_lr") == -1 and c.get("final_lr_frac") == -1 and \
+                "final_lr_frac" not in user_set:
+            g["final_lr_frac"] = c["final_lr_frac"] = 0.1
+            kept.append("final_lr_frac=0.1 (wsd's end before 5 % became its default)")
+            legacy.add("final_lr_frac")
     if kept:
         print0(f"resume: the run keeps its own schedule: {', '.join(kept)}; pass --key=value to change one from "
                f"step {ckpt.get('step')} on")
+    return legacy
 
 
 def _check_ranges(c):
@@ -212,8 +234,9 @@ class Trainer:
                             f"{self.ckpts.latest().name}). Continue it with --auto_resume=True, or start another run "
                             f"with --run_name=<new name>")
 
-        if self.resume_ckpt is not None:
-            _keep_recipe(g, c, self.user_set, self.resume_ckpt)
+        # the keys an old checkpoint's schedule needs spelled out now (not a change the user made, for restore())
+        self.legacy_keys = (_keep_recipe(g, c, self.user_set, self.resume_ckpt) if self.resume_ckpt is not None
+                            else set())
 
         # the tokenizer: the one a checkpoint recorded wins (a mid run uses its base's vocabulary), unless the
         # user names one explicitly, which must then match (build_model checks)
@@ -396,14 +419,15 @@ class Trainer:
             # the ones the schedule sets at every step (set_hyperparameters)
             changed |= {k for k, v in hyper.items() if k not in SCHEDULED and k in group and group[k] != v}
             group.update(hyper)
-        changed |= {k for k in SCHEDULE_KEYS if k in was and k in c and was[k] != c[k]}
+        differs = [k for k in ("max_lr", "matrix_lr", "lr_scaling", *RECIPE_KEYS)
+                   if k in was and k in c and was[k] != c[k] and k not in self.legacy_keys]
+        changed |= set(differs) & set(RECIPE_KEYS)
         if changed:
             names = sorted({_HYPER_NAMES.get(k, k) for k in changed})
-            diffs = [f"{k} {was[k]} -> {c[k]}" for k in ("max_lr", "matrix_lr", "lr_scaling", "weight_decay",
-                                                          *SCHEDULE_KEYS) if k in was and k in c and was[k] != c[k]]
+            diffs = [f"{k} {was[k]} -> {c[k]}" for k in differs]
             print0(f"resume: {', '.join(names)} differ from the checkpoint's"
                    f"{' (' + ', '.join(diffs) + ')' if diffs else ''}; this run's values apply from step "
-                   f"{ck['step']} on (pass the original run's flags again to keep its values)")
+                   f"{ck['step']} on (to keep the run's, pass them as it had them: --key=<old value>)")
         if self.scaler is not None and ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
         loader.load_state_dict(ck["loader"])
@@ -472,7 +496,7 @@ class Trainer:
             return
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None, "step": step,
-                 "config": self.c, "arch": self.arch, "tokenizer": self.tok.describe(), "stage": self.name,
+                 "config": self.c, "user_set": sorted(self.user_set), "arch": self.arch, "tokenizer": self.tok.describe(), "stage": self.name,
                  "world_size": self.world_size, "rng": rng_state(), "loader": loader.state_dict(), "tokens": tokens}
         meta = {"stage": self.name, "loss": last_loss, "final": step == steps, "world_size": self.world_size,
                 "arch": self.arch, **(val or {})}

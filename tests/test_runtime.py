@@ -170,6 +170,43 @@ def test_a_resume_keeps_its_runs_schedule_over_changed_script_defaults(capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_a_resume_without_the_runs_flags_resolves_its_schedule_as_the_run_did():
+    """The rules that ask what the user set (pick_pair, the warmup shrink, the weight-decay horizon) decide on
+    resume as on the run's first launch, with or without its flags again: checkpoints record user_set."""
+    from schedule import make_schedule
+    from trainer import _keep_recipe
+    script = dict(max_steps=1000, warmup_steps=40, warmup_ratio=-1, max_lr=0.004, min_lr=-1, lr_scaling="none",
+                  lr_scheduler="wsd", decay_lr=True, lr_restarts=1, optimizer="muon", matrix_lr=0.02,
+                  warmdown_ratio=0.65, final_lr_frac=-1, weight_decay=0.28, weight_decay_schedule="cosine",
+                  weight_decay_horizon=400)
+
+    def run(flags, steps=1000):
+        c = {**script, **flags, "max_steps": steps}
+        return c, set(flags) | {"max_steps"}
+
+    def same(a, b):
+        return all((a.lr(s), a.momentum(s), a.wd_factor(s)) == (b.lr(s), b.momentum(s), b.wd_factor(s))
+                   for s in range(a.steps + 1)) and a.warmup == b.warmup
+
+    for flags, steps in (({"warmup_ratio": 0.2}, 1000), ({"weight_decay": 0.1}, 1000), ({"warmup_steps": 10}, 60),
+                         ({"final_lr_frac": 0.2}, 1000), ({"weight_decay": 0.28}, 1000), ({}, 60)):
+        c0, us0 = run(flags, steps)
+        first = make_schedule(c0, us0)
+        for again in (flags, {}):  # the same command line, or none of its flags
+            c1, us1 = run(again, steps)
+            _keep_recipe(dict(c1), c1, us1, dict(config=dict(c0), user_set=sorted(us0), step=5))
+            assert same(make_schedule(c1, us1), first), (flags, again)
+    # a checkpoint from before user_set was recorded (finetune_dolly's warmup 100 on a 500-step run): its warmup
+    # is kept as given, not shrunk; a wsd run of that time ended at a tenth of the peak
+    old = {**script, "lr_scheduler": "cosine", "warmup_steps": 100, "max_steps": 500}
+    c1, us1 = dict(old), {"max_steps"}
+    _keep_recipe(dict(c1), c1, us1, dict(config=dict(old), step=5))
+    assert make_schedule(c1, us1).warmup == 100 and make_schedule(dict(old), {"max_steps"}).warmup == 50
+    c2, us2 = {**old, "lr_scheduler": "wsd"}, {"max_steps"}
+    _keep_recipe(dict(c2), c2, us2, dict(config={**old, "lr_scheduler": "wsd"}, step=5))
+    assert make_schedule(c2, us2).final_lr == pytest.approx(0.0004)
+
+
 def test_cautious_weight_decay_only_shrinks_weights_the_update_shrinks_too():
     from optim import MuonAdamW
     torch.manual_seed(0)
