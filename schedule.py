@@ -150,9 +150,9 @@ def make_schedule(c: dict, user_set, *, steps_per_epoch=None, default_steps=None
                   reference_batch=1, default_lrs=(None, None)) -> Schedule:
     """The Schedule a config asks for: max_steps | num_epochs, warmup_steps | warmup_ratio (resolve_schedule),
     max_lr scaled by lr_scaling (a lr_reference_batch / lr_reference_examples > 0 replaces reference_batch), min_lr
-    (-1 = peak / 10; wsd: peak * 0.05). default_lrs are the script's (max_lr, matrix_lr) before overrides: Muon's matrix_lr follows
-    max_lr, so a user who lowers max_lr (the guides' "loss not falling: lower the learning rate") lowers every rate
-    in the model in proportion, unless matrix_lr is set as well; lr_scaling scales both alike."""
+    (-1 = peak / 10; wsd: peak * 0.05). default_lrs are the script's (max_lr, matrix_lr) before overrides: Muon's
+    matrix_lr follows max_lr, so a user who lowers max_lr (the guides' "loss not falling: lower the learning rate")
+    lowers every rate in the model in proportion, unless matrix_lr is set as well; lr_scaling scales both alike."""
     steps, warmup = resolve_schedule(
         max_steps=c["max_steps"], num_epochs=c.get("num_epochs", -1), warmup_steps=c["warmup_steps"],
         warmup_ratio=c["warmup_ratio"], user_set=user_set, steps_per_epoch=steps_per_epoch,

@@ -56,7 +56,7 @@ lr_reference_batch = -1       # tokens; -1 = one process's batch (so scaling fol
 optimizer = "muon"            # muon (Muon for the hidden matrices + AdamW for the rest) | adamw
 weight_decay = 0.28           # decoupled weight decay (Muon: its matrices; AdamW: 2-D weights), tuned at 400 steps
 weight_decay_schedule = "cosine"  # constant | linear | cosine: the decay's scale over the run (both end at 0)
-weight_decay_horizon = 400    # runs over 400 steps get weight_decay * 400 / max_steps; -1 = off (so does --weight_decay)
+weight_decay_horizon = 400    # runs over 400 steps get weight_decay * 400 / max_steps; -1 (or --weight_decay) = off
 cautious_weight_decay = False  # Muon: decay a weight only where the update also shrinks it
 # evaluation and checkpoints
 eval_every = 100              # steps between validation loss / bpb; -1 = only at the end

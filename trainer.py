@@ -496,8 +496,9 @@ class Trainer:
             return
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None, "step": step,
-                 "config": self.c, "user_set": sorted(self.user_set), "arch": self.arch, "tokenizer": self.tok.describe(), "stage": self.name,
-                 "world_size": self.world_size, "rng": rng_state(), "loader": loader.state_dict(), "tokens": tokens}
+                 "config": self.c, "user_set": sorted(self.user_set), "arch": self.arch,
+                 "tokenizer": self.tok.describe(), "stage": self.name, "world_size": self.world_size,
+                 "rng": rng_state(), "loader": loader.state_dict(), "tokens": tokens}
         meta = {"stage": self.name, "loss": last_loss, "final": step == steps, "world_size": self.world_size,
                 "arch": self.arch, **(val or {})}
         self.ckpts.save(step, state, meta)

@@ -46,7 +46,8 @@ def test_a_quality_sweep_runs_each_recipe_as_train_base_would_read_it():
     """--recipe points (issue 17's sweep): each trains with its settings applied, the schedule says so; a typo in a
     key fails at once, naming it."""
     cmd = [sys.executable, "bench.py", "--quality", "--smoke", "--baseline=False",
-           "--recipe=lr_scheduler=cosine,warmup_steps=1", "--recipe=muon_momentum_start=0.8,muon_momentum_warmup_steps=2"]
+           "--recipe=lr_scheduler=cosine,warmup_steps=1",
+           "--recipe=muon_momentum_start=0.8,muon_momentum_warmup_steps=2"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     sweep = json.loads(out.stdout.strip().splitlines()[-1])["sweep"]
