@@ -368,6 +368,16 @@ def work_profile(spec):
     return dict(model=spec["model"], optimizer=spec["optimizer"], table=table)
 
 
+def train_base_recipe(overrides, named=None, **fixed):
+    """train_base.py's config as the stage reads it (its globals plus defaults.py's shared keys, then `fixed`), with
+    a sweep point's key=value overrides typed and checked as its own flags are; `named` collects the keys set."""
+    import train_base as tb
+    from configurator import apply_overrides
+    from trainer import with_shared_defaults
+    return apply_overrides({**with_shared_defaults(dict(vars(tb))), **fixed}, [f"--{kv}" for kv in overrides],
+                           named=named)
+
+
 def work_quality(spec):
     """Train one model for `steps` steps on the real data; train loss every step, val loss every eval_every."""
     torch, dev, sync = setup_torch(spec)
@@ -387,13 +397,9 @@ def work_quality(spec):
         # the shipped recipe: train_base.py's defaults, read from the module so this follows any change there,
         # through the same Schedule the stages use (schedule.make_schedule), with max_steps = this run's steps
         import train_base as tb
-        from trainer import with_shared_defaults
-        recipe = with_shared_defaults(dict(vars(tb)))
-        recipe.update(max_steps=steps, optimizer="muon" if spec["optimizer"] == "default" else spec["optimizer"])
-        # --recipe=key=value,...: a sweep point, typed and checked as train_base.py's own flags are
-        from configurator import apply_overrides
         named = {"max_steps"}
-        recipe = apply_overrides(recipe, [f"--{kv}" for kv in spec.get("recipe", [])], named=named)
+        recipe = train_base_recipe(spec.get("recipe", []), named, max_steps=steps,
+                                   optimizer="muon" if spec["optimizer"] == "default" else spec["optimizer"])
         from schedule import make_schedule
         sched = make_schedule(recipe, named, default_lrs=(tb.max_lr, tb.matrix_lr))
         opt = model.configure_optimizers(optimizer=recipe["optimizer"], max_lr=sched.peak_lr,
@@ -645,12 +651,10 @@ def run_quality(args):
     t0 = time.perf_counter()
     # each --recipe is one more t4chat run (a sweep point); the baseline runs unless --baseline=False
     points = [[kv.strip() for kv in r.split(",") if kv.strip()] for r in args.recipe] or [[]]
-    import train_base as tb
-    from configurator import UserError, apply_overrides
-    from trainer import with_shared_defaults
+    from configurator import UserError
     for r in points:  # a typo fails here, in one line, not in every worker
         try:
-            apply_overrides(with_shared_defaults(dict(vars(tb))), [f"--{kv}" for kv in r])
+            train_base_recipe(r)
         except UserError as e:
             raise SystemExit(f"--recipe={','.join(r)}: {e}") from None
     candidates = {f"t4chat{' ' + ','.join(r) if r else ''}": dict(model="t4chat", optimizer="default", recipe=r)

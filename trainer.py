@@ -39,14 +39,13 @@ ARCH_KEYS = ("depth", "n_embd", "n_head", "n_kv_head", "tie_embeddings")
 # optimizer group keys -> the settings a user changes to move them
 _HYPER_NAMES = {"base_lr": "learning rates (max_lr / matrix_lr / lr_scaling)", "base_weight_decay": "weight_decay",
                 "betas": "AdamW betas", "momentum": "momentum"}
-# what set_hyperparameters() writes into the groups at every step, and the settings behind it
+# what set_hyperparameters() writes into the groups at every step
 SCHEDULED = ("lr", "weight_decay", "momentum", "cautious")
-SCHEDULE_KEYS = ("lr_scheduler", "warmdown_ratio", "final_lr_frac", "muon_momentum", "muon_momentum_start",
-                 "muon_momentum_warmup_steps", "muon_momentum_warmdown", "weight_decay_schedule",
-                 "weight_decay_horizon", "cautious_weight_decay")
-# the shape of a run's schedule: a resume keeps the checkpoint's values of those this command line does not set, so
-# a script whose defaults changed since the run began (a git pull) does not bend the run halfway
-RECIPE_KEYS = ("warmup_steps", "warmup_ratio", "min_lr", "decay_lr", "lr_restarts", "weight_decay", *SCHEDULE_KEYS)
+# the settings behind it, the shape of a run's schedule: a resume keeps the checkpoint's values of those this command
+# line does not set, so a script whose defaults changed since the run began (a git pull) does not bend the run halfway
+RECIPE_KEYS = ("warmup_steps", "warmup_ratio", "min_lr", "decay_lr", "lr_restarts", "weight_decay", "lr_scheduler",
+               "warmdown_ratio", "final_lr_frac", "muon_momentum", "muon_momentum_start", "muon_momentum_warmup_steps",
+               "muon_momentum_warmdown", "weight_decay_schedule", "weight_decay_horizon", "cautious_weight_decay")
 
 
 def set_hyperparameters(optimizer, schedule, step):
